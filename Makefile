@@ -1,0 +1,32 @@
+# make setup | test | demo | bench | lint. `test` and `demo` set up .venv first when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; a user with a GPU installs a CUDA build into .venv first and setup keeps it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.dsimagenet-setup
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/dsimagenet demo --out demo-out
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check dsimagenet tests bench
+
+clean:
+	rm -rf $(VENV) demo-out build *.egg-info
