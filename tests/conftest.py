@@ -1,0 +1,79 @@
+"""Shared fixtures: small datasets written exactly as ../shared/reference/format.md describes, by hand
+(plain pickle.dump / np.savez), independently of dsimagenet's writers."""
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def make_images(n, size, seed):
+    """(n, S, S, 3) uint8 NHWC images, random but reproducible."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def to_rows(images):
+    """NHWC -> channel-planar rows, written out the long way: all R row-major, then G, then B."""
+    n, s = len(images), images.shape[1]
+    rows = np.empty((n, 3 * s * s), np.uint8)
+    for i in range(n):
+        for c in range(3):
+            rows[i, c * s * s:(c + 1) * s * s] = images[i, :, :, c].reshape(-1)
+    return rows
+
+
+def write_official(folder, images, labels, val_images, val_labels, kind="pickle"):
+    """Ten train batches (n//10 each, the rest in the last) and val_data, as the official files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(images)
+    mean = to_rows(images).astype(np.float64).mean(axis=0)
+    step = n // 10
+    parts = [(i * step, (i + 1) * step if i < 9 else n) for i in range(10)]
+    items = [(f"train_data_batch_{i + 1}", images[a:b], labels[a:b], mean) for i, (a, b) in enumerate(parts)]
+    items.append(("val_data", val_images, val_labels, None))
+    for name, x, y, m in items:
+        d = {"data": to_rows(x), "labels": [int(v) for v in y]}
+        if m is not None:
+            d["mean"] = m
+        if kind == "pickle":
+            with open(folder / name, "wb") as f:
+                pickle.dump(d, f, protocol=3)
+        else:
+            d["labels"] = np.asarray(d["labels"])
+            np.savez(folder / f"{name}.npz", **d)
+    return mean
+
+
+def zip_folder(folder, zip_path, top, names=None):
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for f in sorted(Path(folder).iterdir()):
+            if names is None or f.name in names:
+                z.write(f, f"{top}/{f.name}")
+    return zip_path
+
+
+class Tiny:
+    """A small 8 px dataset over 12 classes (devkit IDs 1..12) plus a few of class 449 (tench)."""
+
+    size = 8
+
+    def __init__(self, root):
+        rng = np.random.default_rng(1)
+        self.labels = rng.choice(np.r_[1:13, 449], size=203).astype(np.int64)
+        self.images = make_images(203, self.size, 2)
+        self.val_labels = rng.choice(np.r_[1:13, 449], size=37).astype(np.int64)
+        self.val_images = make_images(37, self.size, 3)
+        self.root = Path(root)
+
+    def official(self, kind="pickle", name=None):
+        folder = self.root / (name or kind)
+        self.mean = write_official(folder, self.images, self.labels, self.val_images, self.val_labels, kind)
+        return folder
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return Tiny(tmp_path)
