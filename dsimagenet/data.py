@@ -118,12 +118,7 @@ class Loader:
         self.stats = stats if stats is not None else compute_stats(dataset, normalize)
         self.n = len(dataset)
         self.targets = torch.as_tensor(np.asarray(dataset.targets, np.int64), device=self.device)
-        self._mean = torch.as_tensor(self.stats.mean, dtype=torch.float32, device=self.device)
-        self._scale = torch.as_tensor(self.stats.scale, dtype=torch.float32, device=self.device)
-        if self._mean.ndim == 3:
-            self._mean = self._mean.permute(2, 0, 1)  # HWC -> CHW
-        elif self._mean.ndim == 1:
-            self._mean, self._scale = self._mean[:, None, None], self._scale[:, None, None]
+        self._tables: tuple[torch.Tensor, ...] | None = None
         data = dataset.data
         if resident is None:
             if self.device.type == "cuda":
@@ -156,9 +151,8 @@ class Loader:
     def plan(self, epoch: int) -> EpochPlan:
         return epoch_plan(self.n, epoch, self.seed, self.augment, self.shuffle)
 
-    def _gather(self, idx: np.ndarray) -> torch.Tensor:
-        if self.resident:
-            return self.images[torch.from_numpy(idx).to(self.device)]
+    def _stream(self, idx: np.ndarray) -> torch.Tensor:
+        """Rows ``idx`` of a split that is not resident: gathered from the memory map, through pinned memory."""
         order = np.argsort(idx, kind="stable")  # read the memory map in ascending order, then restore order
         rows = np.empty((len(idx), *self.dataset.data.shape[1:]), np.uint8)
         rows[order] = self.dataset.data[idx[order]]
@@ -167,36 +161,70 @@ class Loader:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def batch(self, plan: EpochPlan, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step`` of an epoch's plan, this rank's share."""
+    def _maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per view code (flip, dy, dx): where each output value comes from, and how it is normalised.
+
+        Output element (c, i, j) of view (f, dy, dx) is pixel (i + dy - PAD, j' + dx - PAD) of the image, with
+        j' = S - 1 - j... mirrored when f, and channel c: its index in the HWC row (``src``), clamped when it
+        falls in the padding. The value is ``x * mul + add`` with ``mul = valid / scale`` and ``add =
+        -mean[src] * mul``, so padding becomes exactly 0 after mean subtraction, as the paper pads. All
+        2 * 9 * 9 maps are made once; a batch is then one gather and one fused multiply-add."""
+        if self._tables is None:
+            s = self.dataset.data.shape[1]
+            k = 2 * PAD + 1
+            f, dy, dx = (a.reshape(-1, 1) for a in np.meshgrid([0, 1], np.arange(k), np.arange(k), indexing="ij"))
+            ar = np.arange(s)
+            r = dy + ar - PAD  # (162, S) source row of output row i
+            c = dx + ar - PAD  # source column of output column j in the mirrored image ...
+            c = np.where(f == 1, s - 1 - c, c)  # ... which is column S - 1 - c of the image itself
+            valid = ((r >= 0) & (r < s))[:, None, :, None] & ((c >= 0) & (c < s))[:, None, None, :]
+            pix = np.clip(r, 0, s - 1)[:, :, None] * s + np.clip(c, 0, s - 1)[:, None, :]  # (162, S, S)
+            src = pix[:, None] * 3 + np.arange(3)[None, :, None, None]  # (162, 3, S, S) into the HWC row
+            mean = np.broadcast_to(self.stats.mean, (s, s, 3)).reshape(-1)
+            scale = np.broadcast_to(self.stats.scale, (s, s, 3)).reshape(-1)
+            mul = valid / scale[src]
+            add = -mean[src] * mul
+            self._tables = tuple(torch.from_numpy(np.ascontiguousarray(t.reshape(len(t), -1))).to(self.device)
+                                 for t in (src, mul.astype(np.float32), add.astype(np.float32)))
+        return self._tables
+
+    def _share(self, step: int, total: int) -> tuple[int, int]:
+        """This rank's slice of global batch ``step`` (as ``np.array_split`` would cut it)."""
         a = step * self.batch_size
-        sl = np.arange(a, min(a + self.batch_size, len(plan.index)))
-        sl = np.array_split(sl, self.world_size)[self.rank]
-        idx = plan.index[sl]
-        x = self._gather(idx).permute(0, 3, 1, 2).float()  # (B, 3, S, S) uint8 HWC -> float CHW
-        x = (x - self._mean) / self._scale
-        dev = self.device
-        if plan.flip[sl].any():
-            flip = torch.from_numpy(plan.flip[sl]).to(dev)[:, None, None, None]
-            x = torch.where(flip, x.flip(3), x)
-        if plan.shift is not None:
-            b, s = x.shape[0], x.shape[2]
-            xp = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))  # zeros, after mean subtraction
-            shift = torch.from_numpy(plan.shift[sl]).to(dev)
-            ar = torch.arange(s, device=dev)
-            rows = (shift[:, 0, None] + ar)[:, :, None]  # (B, S, 1)
-            cols = (shift[:, 1, None] + ar)[:, None, :]  # (B, 1, S)
-            # advanced indices around a slice put their dims first: (B, S, S, 3), i.e. NHWC memory
-            x = xp[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        n = min(a + self.batch_size, total) - a
+        q, r = divmod(n, self.world_size)
+        lo = a + self.rank * q + min(self.rank, r)
+        return lo, lo + q + (self.rank < r)
+
+    def _device_plan(self, plan: EpochPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image indices and view codes of a whole epoch, moved to the device once (no copy per step)."""
+        k = 2 * PAD + 1
+        shift = plan.shift if plan.shift is not None else np.full((len(plan.index), 2), PAD)
+        code = plan.flip * k * k + shift[:, 0] * k + shift[:, 1]
+        return torch.from_numpy(plan.index).to(self.device), torch.from_numpy(code).to(self.device)
+
+    def batch(self, plan: EpochPlan, step: int, _device_plan=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step`` of an epoch's plan, this rank's share."""
+        idx_all, code_all = _device_plan or self._device_plan(plan)
+        lo, hi = self._share(step, len(plan.index))
+        idx, code = idx_all[lo:hi], code_all[lo:hi]
+        src, mul, add = (t.index_select(0, code) for t in self._maps())
+        if self.resident:
+            u = self.images.index_select(0, idx)
+        else:
+            u = self._stream(plan.index[lo:hi])
+        b, s = u.shape[0], u.shape[1]
+        x = torch.gather(u.view(b, -1), 1, src).float()  # (B, 3*S*S): mirrored, shifted, channel-planar
+        x = torch.addcmul(add, x, mul).view(b, 3, s, s)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = x.to(dtype=self.dtype, memory_format=fmt)
-        return x, self.targets[torch.from_numpy(idx).to(dev)]
+        return x.to(dtype=self.dtype, memory_format=fmt), self.targets.index_select(0, idx)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from ``start_step`` on: what a resumed run would have seen."""
         plan = self.plan(epoch)
+        dplan = self._device_plan(plan)
         for step in range(start_step, len(self)):
-            yield self.batch(plan, step)
+            yield self.batch(plan, step, dplan)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from self.epoch(self.epoch_index)
