@@ -83,7 +83,7 @@ def bench_loader(runs: int, batches: int) -> None:
     def ours() -> float:
         t = time.perf_counter()
         k = 0
-        for step, (x, _) in enumerate(loader.epoch(k)):
+        for step, _batch in enumerate(loader.epoch(k)):
             if step == batches:
                 break
         return batches * 128 / (time.perf_counter() - t)
@@ -107,9 +107,9 @@ def bench_loader(runs: int, batches: int) -> None:
     print(f"  ratio: {ma / mb:.1f}x")
 
 
-def _measure(code: str) -> tuple[float, float]:
-    """Run ``code`` in a fresh interpreter; returns (seconds, peak RSS in GiB) that it reports."""
-    wrapper = ("import resource, time\nt = time.perf_counter()\n" + code +
+def _measure(code: str, setup: str = "") -> tuple[float, float]:
+    """Run ``setup`` then ``code`` in a fresh interpreter; returns (seconds of ``code``, peak RSS in GiB)."""
+    wrapper = ("import resource, time\n" + setup + "\nt = time.perf_counter()\n" + code +
                "\nprint(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
     secs, gib = out.split()[-2:]
@@ -141,17 +141,17 @@ def bench_open(runs: int) -> None:
         _write_pickles(pk, N_FULL, 32)
     if not (nat / "meta.json").exists():
         convert(pk, nat, ["native"])
-    native_code = (f"from dsimagenet import open_dataset\nds = open_dataset({str(nat)!r})\n"
+    native_code = (f"ds = open_dataset({str(nat)!r})\n"
                    "assert ds.data.shape == (1281167, 32, 32, 3)")
-    pickle_code = (f"import pickle\nimport numpy as np\nxs, ys = [], []\n"
+    pickle_code = (f"xs, ys = [], []\n"
                    f"for i in range(1, 11):\n"
                    f"    with open('{pk}/train_data_batch_%d' % i, 'rb') as f:\n"
                    f"        d = pickle.load(f, encoding='latin1')\n"
                    f"    xs.append(d['data']); ys += d['labels']\n"
                    f"x = np.concatenate(xs).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)\n"
                    f"assert x.shape == (1281167, 32, 32, 3)")
-    a = [_measure(native_code) for _ in range(runs)]
-    b = [_measure(pickle_code) for _ in range(runs)]
+    a = [_measure(native_code, "from dsimagenet import open_dataset") for _ in range(runs)]
+    b = [_measure(pickle_code, "import pickle\nimport numpy as np") for _ in range(runs)]
     print(f"open    full-size 32 px train set (1,281,167 rows, 3.9 GB; files in the page cache), median of {runs}:")
     print(f"  dsimagenet open_dataset (native, memory map): {statistics.median(x[0] for x in a):8.3f} s "
           f"  peak RSS {statistics.median(x[1] for x in a):6.2f} GiB")

@@ -49,6 +49,78 @@ def _info(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+TRAIN_HELP = {
+    "data": "dataset: native folder, official pickles/npz, or their zips",
+    "out": "run directory (created)",
+    "size": "image size; default the data's (must match it)",
+    "depth": "WRN depth; default 20/28/36 for 16/32/64 px",
+    "width": "WRN width k (may be fractional, e.g. 0.5)",
+    "schedule": "step (the paper), cosine, or sgdr (warm restarts)",
+    "milestones": "epochs after which the step schedule multiplies lr by --gamma",
+    "weight-decay": "the paper's coefficient of sum(w^2) on conv and linear weights (gradient 2*wd*w)",
+    "augment": "paper: every image and its mirror each epoch, 4 px shifts; flip: random mirror + shifts",
+    "classes": "train on the first N classes in devkit order (120: NAS-Bench-201's ImageNet16-120)",
+    "device": "auto, cpu or cuda",
+    "bf16": "bf16 autocast on CUDA",
+    "channels-last": "channels_last memory format on CUDA",
+    "compile": "torch.compile the model",
+    "log-every": "print (and read the loss from the device) every N steps",
+    "checkpoint-minutes": "also checkpoint inside an epoch every this many minutes",
+    "checkpoint-every-steps": "also checkpoint every N steps",
+    "report-epoch": "the epoch whose errors result.json also reports (the paper's 31)",
+}
+
+
+CHOICES = {"schedule": ["step", "cosine", "sgdr"], "augment": ["paper", "flip", "none"],
+           "normalize": ["mean", "meanstd"], "order": ["devkit", "sorted"], "device": ["auto", "cpu", "cuda"]}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), typed from its annotation."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kwargs: dict = {"help": TRAIN_HELP.get(flag[2:], "")}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            kwargs["help"] += f" (default: {f.default})" if kwargs["help"] else f"default: {f.default}"
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        base = args[0]
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is tuple:
+            kwargs.update(type=typing.get_args(base)[0], nargs="*")
+        else:
+            kwargs["type"] = base
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dsimagenet.train import TrainConfig, train
+
+    result = train(config_from_args(TrainConfig, args), resume=args.resume)
+    if result:
+        print(f"{args.out}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%, "
+              f"{result['train_images_per_s']:,.0f} images/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dsimagenet import __version__
 
@@ -81,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="recompute checksums; exit 1 if any fails")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+    from dsimagenet.train import TrainConfig
+
+    p = sub.add_parser("train", help="train a Wide ResNet with the paper's recipe",
+                       description="Train WRN-N-k on a downsampled ImageNet with the paper's recipe (SGD, momentum "
+                                   "0.9, batch 128, lr 0.01 x0.2 after epochs 10/20/30, 40 epochs). Run with "
+                                   "torchrun --nproc_per_node=K -m dsimagenet train ... for several GPUs.")
+    add_config_arguments(p, TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.set_defaults(func=_train)
     return parser
 
 

@@ -49,6 +49,7 @@ class Source:
             if b.image_size != self.image_size:
                 raise official.FormatError(f"{m.where}: {b.image_size} px, the rest are {self.image_size} px")
             yield SourceBatch(m.index, b.data, b.labels)
+            del b  # or it stays alive while the next batch is read: two batches in memory
 
 
 def _read_rows(path: Path, start: int, stop: int) -> np.ndarray:
@@ -70,6 +71,7 @@ def _native_batches(root: Path, split: str, size: int) -> Iterator[SourceBatch]:
             d = min(c + _CHUNK_ROWS, b)
             rows[c - a: d - a] = official.nhwc_to_planar(_read_rows(root / split / "images.npy", c, d))
         yield SourceBatch(i + 1 if split == "train" else 0, rows, s.labels[a:b])
+        del rows
 
 
 def open_source(path: str | Path, format: str | None = None) -> Source:

@@ -99,7 +99,8 @@ class Loader:
 
     ``resident``: keep the whole uint8 split on the device (None: when it fits in half the free memory);
     otherwise each batch is gathered from the (memory-mapped) array and copied through pinned memory.
-    ``rank``/``world_size``: this process's share of every global batch of ``batch_size`` (DDP).
+    ``rank``/``world_size``: this process's share of every global batch of ``batch_size`` (DDP); without
+    ``drop_last`` a final global batch smaller than ``world_size`` leaves some ranks an empty share.
     """
 
     def __init__(self, dataset, batch_size: int = 128, device: str | torch.device = "cpu", augment: str = "paper",
@@ -129,7 +130,9 @@ class Loader:
         self.resident = resident
         if resident:
             if self.device.type == "cpu":
-                self.images = torch.from_numpy(np.ascontiguousarray(data))  # reads a memory map into RAM once
+                # a memory map is read into RAM once (np.array copies; ascontiguousarray would keep the map)
+                self.images = torch.from_numpy(np.array(data) if isinstance(data, np.memmap)
+                                               else np.ascontiguousarray(data))
             else:
                 self.images = torch.empty(data.shape, dtype=torch.uint8, device=self.device)
                 for a in range(0, len(data), 65536):  # copy in chunks: no full host copy of a memory map
@@ -143,10 +146,7 @@ class Loader:
 
     def __len__(self) -> int:
         m, b = self.samples_per_epoch, self.batch_size
-        steps = m // b if self.drop_last else -(-m // b)
-        if not self.drop_last and self.world_size > 1 and m % b and m % b < self.world_size:
-            steps -= 1  # a final global batch smaller than the number of ranks would leave one rank empty
-        return steps
+        return m // b if self.drop_last else -(-m // b)
 
     def plan(self, epoch: int) -> EpochPlan:
         return epoch_plan(self.n, epoch, self.seed, self.augment, self.shuffle)

@@ -77,3 +77,29 @@ class Tiny:
 @pytest.fixture
 def tiny(tmp_path):
     return Tiny(tmp_path)
+
+
+def learnable_native(root, classes=4, per_class=16, val_per_class=8, size=8, seed=0):
+    """A native dataset a tiny network learns in seconds: each class its own colour, plus noise."""
+    from dsimagenet.formats.native import NativeWriter
+    from dsimagenet.labels import IMAGENET
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 216, (classes, 3))
+
+    def split(n):
+        labels = np.repeat(np.arange(1, classes + 1), n)
+        rng.shuffle(labels)
+        noise = rng.normal(0, 25, (len(labels), size, size, 3))
+        return np.clip(colours[labels - 1][:, None, None, :] + noise, 0, 255).astype(np.uint8), labels
+
+    with NativeWriter(root, size, list(IMAGENET.wnids), method="synthetic") as w:
+        for name, n in (("train", per_class), ("val", val_per_class)):
+            x, y = split(n)
+            w.split(name).append(x, y)
+    return Path(root)
+
+
+@pytest.fixture
+def learnable(tmp_path):
+    return learnable_native(tmp_path / "data")
