@@ -1,0 +1,31 @@
+"""CUDA paths, checked against the CPU ones; skipped where there is no GPU (CI has none)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsimagenet import open_dataset
+from dsimagenet.data import Loader
+from dsimagenet.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_loader_on_cuda_matches_cpu(tiny, resident):
+    ds = open_dataset(tiny.official())
+    cpu = Loader(ds, 32, "cpu", seed=4)
+    gpu = Loader(ds, 32, "cuda", seed=4, resident=resident)
+    for (x1, y1), (x2, y2) in zip(cpu.epoch(1), gpu.epoch(1), strict=True):
+        assert x2.is_cuda and torch.equal(y1, y2.cpu())
+        torch.testing.assert_close(x1, x2.cpu(), rtol=0, atol=1e-6)
+
+
+def test_train_on_cuda_learns(learnable, tmp_path):
+    result = train(TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=12, depth=6, batch_size=32,
+                               lr=0.05, device="cuda", quiet=True))
+    assert result["top1_error"] < 10 and result["device"].startswith("cuda")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert np.isfinite(json.loads(lines[-1])["train_loss"])
