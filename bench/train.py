@@ -108,7 +108,7 @@ def bench_cpu(runs: int) -> None:
     print(f"  ratio: {a / b:.2f}x")
 
 
-def bench_gpu(n: int, out_csv: Path | None) -> None:
+def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str]) -> None:
     import torch
 
     from dsimagenet.model import WideResNet, count_parameters
@@ -118,19 +118,22 @@ def bench_gpu(n: int, out_csv: Path | None) -> None:
                                                   "resources" / "paper_table1.csv") if not line.startswith("#"))}
     rows = []
     print(f"train   on {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 128, bf16, channels_last")
-    print("  model        size  params      images/s  40 epochs (h)  Table 1 Titan X (h)  speed-up")
+    print("  model        size  params      mode              images/s  40 epochs (h)  Titan X (h)  speed-up")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size, depth, width in [(16, 20, 10), (32, 28, 2), (32, 28, 10), (64, 36, 2)]:
             data = synthetic_native(tmp / f"d{size}", n, size)
-            rate = trainer_rate(data, tmp / "run", depth, width, "cuda")
-            hours = 40 * EPOCH_IMAGES / rate / 3600
-            titan = table[(size, depth, float(width))] * 24
-            params = count_parameters(WideResNet(depth, width, 1000, size))
-            rows.append(dict(model=f"WRN-{depth}-{width:g}", size=size, params=params, images_per_s=round(rate),
-                             hours_40_epochs=round(hours, 2), titan_x_hours=titan, speedup=round(titan / hours, 1)))
-            print(f"  WRN-{depth}-{width:<4g}  {size:>4}  {params:>10,}  {rate:>10,.0f}  {hours:>13.2f}  "
-                  f"{titan:>19.1f}  {titan / hours:>7.1f}x", flush=True)
+            for mode in ["eager"] + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
+                kw = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
+                rate = trainer_rate(data, tmp / "run", depth, width, "cuda", **kw)
+                hours = 40 * EPOCH_IMAGES / rate / 3600
+                titan = table[(size, depth, float(width))] * 24
+                params = count_parameters(WideResNet(depth, width, 1000, size))
+                rows.append(dict(model=f"WRN-{depth}-{width:g}", size=size, params=params, mode=mode,
+                                 images_per_s=round(rate), hours_40_epochs=round(hours, 2), titan_x_hours=titan,
+                                 speedup=round(titan / hours, 1)))
+                print(f"  WRN-{depth}-{width:<4g}  {size:>4}  {params:>10,}  {mode:<16}  {rate:>10,.0f}  "
+                      f"{hours:>13.2f}  {titan:>11.1f}  {titan / hours:>7.1f}x", flush=True)
             shutil.rmtree(data)
     if out_csv:
         with open(out_csv, "w", newline="") as f:
@@ -145,9 +148,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--images", type=int, default=25_600, help="synthetic training images per GPU row")
     p.add_argument("--csv", type=Path, help="also write the GPU rows here")
+    p.add_argument("--compile-models", nargs="*", default=["20-10", "28-2"],
+                   help="DEPTH-WIDTH of the GPU rows also run with torch.compile")
+    p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"])
     args = p.parse_args()
     if args.gpu:
-        bench_gpu(args.images, args.csv)
+        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes)
     else:
         bench_cpu(args.runs)
 

@@ -64,6 +64,7 @@ TRAIN_HELP = {
     "bf16": "bf16 autocast on CUDA",
     "channels-last": "channels_last memory format on CUDA",
     "compile": "torch.compile the model",
+    "compile-mode": "torch.compile mode; reduce-overhead uses CUDA graphs (pays off for small models)",
     "log-every": "print (and read the loss from the device) every N steps",
     "checkpoint-minutes": "also checkpoint inside an epoch every this many minutes",
     "checkpoint-every-steps": "also checkpoint every N steps",
@@ -72,7 +73,8 @@ TRAIN_HELP = {
 
 
 CHOICES = {"schedule": ["step", "cosine", "sgdr"], "augment": ["paper", "flip", "none"],
-           "normalize": ["mean", "meanstd"], "order": ["devkit", "sorted"], "device": ["auto", "cpu", "cuda"]}
+           "normalize": ["mean", "meanstd"], "order": ["devkit", "sorted"], "device": ["auto", "cpu", "cuda"],
+           "compile_mode": ["default", "reduce-overhead", "max-autotune"]}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:

@@ -36,7 +36,8 @@ from dsimagenet.model import WideResNet, count_parameters, default_depth
 
 SCHEDULES = ("step", "cosine", "sgdr")
 # Fields that may change when a run is resumed: they do not change what is computed.
-OPERATIONAL = {"out", "data", "log_every", "checkpoint_minutes", "checkpoint_every_steps", "compile", "quiet",
+OPERATIONAL = {"out", "data", "log_every", "checkpoint_minutes", "checkpoint_every_steps", "compile", "compile_mode",
+               "quiet",
                "eval_batch_size"}
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
     bf16: bool = True  # CUDA only: bf16 autocast
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    compile_mode: str = "default"  # or "reduce-overhead" (CUDA graphs: for small models), "max-autotune"
     log_every: int = 100
     checkpoint_minutes: float = 10.0
     checkpoint_every_steps: int | None = None
@@ -279,7 +281,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         net = nn.parallel.DistributedDataParallel(_use_global_bn(model), device_ids=[dev] if dev.type == "cuda"
                                                   else None)
     if c.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=None if c.compile_mode == "default" else c.compile_mode)
     criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
 
     # --- run directory, or resume
@@ -343,8 +345,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             loss.backward()
             opt.step()
             # running sums stay on the device: no host synchronisation per step
-            acc_t += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
-                                  torch.tensor(len(y), dtype=torch.float64, device=dev)])
+            # (a tensor made from a Python number here would be a host-to-device copy, which synchronises)
+            acc_t[:2] += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double()])
+            acc_t[2] += len(y)
             images_seen += len(y) * d.world
             done = step + 1
             due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (
