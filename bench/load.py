@@ -109,8 +109,10 @@ def bench_loader(runs: int, batches: int) -> None:
 
 def _measure(code: str, setup: str = "") -> tuple[float, float]:
     """Run ``setup`` then ``code`` in a fresh interpreter; returns (seconds of ``code``, peak RSS in GiB)."""
-    wrapper = ("import resource, time\n" + setup + "\nt = time.perf_counter()\n" + code +
-               "\nprint(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so it would report the parent's peak
+    wrapper = ("import time\n" + setup + "\nt = time.perf_counter()\n" + code +
+               "\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
+               "\nprint(time.perf_counter() - t, int(hwm) / 2**20)")
     out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True).stdout
     secs, gib = out.split()[-2:]
     return float(secs), float(gib)
