@@ -108,7 +108,8 @@ def bench_cpu(runs: int) -> None:
     print(f"  ratio: {a / b:.2f}x")
 
 
-def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str]) -> None:
+def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str],
+              models: list[str] | None = None) -> None:
     import torch
 
     from dsimagenet.model import WideResNet, count_parameters
@@ -122,6 +123,8 @@ def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_m
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size, depth, width in [(16, 20, 10), (32, 28, 2), (32, 28, 10), (64, 36, 2)]:
+            if models and f"{depth}-{width:g}" not in models:
+                continue
             data = synthetic_native(tmp / f"d{size}", n, size)
             for mode in ["eager"] + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
                 kw = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
@@ -148,12 +151,13 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--images", type=int, default=25_600, help="synthetic training images per GPU row")
     p.add_argument("--csv", type=Path, help="also write the GPU rows here")
-    p.add_argument("--compile-models", nargs="*", default=["20-10", "28-2"],
+    p.add_argument("--compile-models", nargs="*", default=["20-10", "28-2", "36-2"],
                    help="DEPTH-WIDTH of the GPU rows also run with torch.compile")
     p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"])
+    p.add_argument("--models", nargs="*", help="only these DEPTH-WIDTH GPU rows (default: all four)")
     args = p.parse_args()
     if args.gpu:
-        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes)
+        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models)
     else:
         bench_cpu(args.runs)
 

@@ -123,6 +123,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from dsimagenet.demo import DemoConfig, demo
+
+    try:
+        demo(DemoConfig(out=args.out, epochs=args.epochs))
+    except RuntimeError as e:
+        print(f"dsimagenet demo: FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dsimagenet import __version__
 
@@ -165,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
+                       description="Write a small learnable dataset in the official format, convert and check it, "
+                                   "train WRN-20-1 on it and check that it is far above chance.")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.set_defaults(func=_demo)
     return parser
 
 

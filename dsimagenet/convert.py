@@ -93,6 +93,13 @@ def open_source(path: str | Path, format: str | None = None) -> Source:
     return Source(path, fmt, first.image_size, IMAGENET, splits, mean)
 
 
+def _append_rows(sw: native.SplitWriter, rows: np.ndarray, labels: np.ndarray, size: int) -> None:
+    """Planar rows into a native split, a chunk at a time (a function, so that no view of the batch
+    outlives it and keeps the whole batch alive while the next one is read)."""
+    for c in range(0, len(rows), _CHUNK_ROWS):
+        sw.append(official.planar_to_nhwc(rows[c: c + _CHUNK_ROWS], size), labels[c: c + _CHUNK_ROWS])
+
+
 def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: str | None = None) -> dict:
     """Write ``src`` (any format) to ``dst`` in each of ``formats``; returns counts per split."""
     bad = [f for f in formats if f not in OUT_FORMATS]
@@ -117,9 +124,7 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
             n = 0
             for b in source.batches(split):
                 if sw is not None:
-                    for c in range(0, len(b.rows), _CHUNK_ROWS):
-                        chunk = b.rows[c: c + _CHUNK_ROWS]
-                        sw.append(official.planar_to_nhwc(chunk, size), b.labels[c: c + _CHUNK_ROWS])
+                    _append_rows(sw, b.rows, b.labels, size)
                 for kind in ("pickle", "npz"):
                     if kind in formats:
                         official.write_batch(dst / official.batch_name(split, b.index, kind), b.rows, b.labels,

@@ -281,7 +281,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         net = nn.parallel.DistributedDataParallel(_use_global_bn(model), device_ids=[dev] if dev.type == "cuda"
                                                   else None)
     if c.compile:
-        net = torch.compile(net, mode=None if c.compile_mode == "default" else c.compile_mode)
+        # static shapes: a handful of batch sizes (train, its last partial batch, eval) each get their own graph,
+        # which CUDA graphs need anyway; dynamic shapes would make every graph slower
+        net = torch.compile(net, mode=None if c.compile_mode == "default" else c.compile_mode, dynamic=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
 
     # --- run directory, or resume
