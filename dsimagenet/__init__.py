@@ -1,13 +1,28 @@
 """dsimagenet: downsampled ImageNet (Chrabaszcz, Loshchilov, Hutter, 2017), built, loaded and trained on.
 
-The public API is re-exported here; each module's docstring says how to use it.
+The public API is re-exported here; each module's docstring says how to use it. What needs torch (Loader,
+WideResNet, TrainConfig, train, load_runs) is imported on first use, so ``import dsimagenet`` stays light.
 """
 
 __version__ = "0.1.0"
 
+from dsimagenet.build import BuildConfig, build
 from dsimagenet.convert import convert, describe
 from dsimagenet.dataset import ImageNetDS, detect_format, open_dataset
 from dsimagenet.labels import IMAGENET, ClassSubset, ClassTable, subset, val_ground_truth, val_label
 
-__all__ = ["IMAGENET", "ClassSubset", "ClassTable", "ImageNetDS", "convert", "describe", "detect_format",
-           "open_dataset", "subset", "val_ground_truth", "val_label", "__version__"]
+_LAZY = {"Loader": "dsimagenet.data", "WideResNet": "dsimagenet.model", "TrainConfig": "dsimagenet.train",
+         "train": "dsimagenet.train", "load_runs": "dsimagenet.runs"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dsimagenet' has no attribute {name!r}")
+
+
+__all__ = ["IMAGENET", "BuildConfig", "ClassSubset", "ClassTable", "ImageNetDS", "Loader", "TrainConfig",
+           "WideResNet", "build", "convert", "describe", "detect_format", "load_runs", "open_dataset", "subset",
+           "train", "val_ground_truth", "val_label", "__version__"]

@@ -50,6 +50,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 TRAIN_HELP = {
+    "train": "ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, or the Kaggle root",
+    "val": "ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root",
+    "folder": "any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>",
+    "devkit": "ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv (default: bundled val labels)",
+    "sizes": "output sizes S (S x S)",
+    "methods": "box (the paper), lanczos, bilinear, bicubic, hamming, nearest",
+    "formats": "pickle (official), npz, native",
+    "aspect": "squash (the paper) or center-crop",
+    "fast": "reduced-scale JPEG decoding: faster, close to but not the exact pixels",
+    "exif-transpose": "apply EXIF orientation (the paper ignores it)",
+    "workers": "processes (default: all cores)",
+    "skip-bad": "skip unreadable images, list them in the manifest",
+    "allow-partial": "build an incomplete ILSVRC-2012 with a warning instead of an error",
+    "verify": "check the official archives' MD5s first",
+    "max-image-pixels": "decompression-bomb limit in pixels (default: Pillow's)",
     "data": "dataset: native folder, official pickles/npz, or their zips",
     "out": "run directory (created)",
     "size": "image size; default the data's (must match it)",
@@ -74,12 +89,13 @@ TRAIN_HELP = {
 
 CHOICES = {"schedule": ["step", "cosine", "sgdr"], "augment": ["paper", "flip", "none"],
            "normalize": ["mean", "meanstd"], "order": ["devkit", "sorted"], "device": ["auto", "cpu", "cuda"],
-           "compile_mode": ["default", "reduce-overhead", "max-autotune"]}
+           "compile_mode": ["default", "reduce-overhead", "max-autotune"], "aspect": ["squash", "center-crop"]}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), typed from its annotation."""
     import dataclasses
+    import types
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -94,8 +110,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         else:
             kwargs["default"] = f.default
             kwargs["help"] += f" (default: {f.default})" if kwargs["help"] else f"default: {f.default}"
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        base = args[0]
+        base = hint
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:  # X | None -> X
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
@@ -110,7 +127,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 def config_from_args(cls, args: argparse.Namespace):
     import dataclasses
 
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for k, v in values.items():  # list flags take "a b" and "a,b" alike: --formats pickle,native
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            values[k] = tuple(y for x in v for y in x.split(",") if y)
+    return cls(**values)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -120,6 +141,13 @@ def _train(args: argparse.Namespace) -> int:
     if result:
         print(f"{args.out}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%, "
               f"{result['train_images_per_s']:,.0f} images/s")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dsimagenet.build import BuildConfig, build
+
+    build(config_from_args(BuildConfig, args))
     return 0
 
 
@@ -176,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.set_defaults(func=_train)
+
+    from dsimagenet.build import BuildConfig
+
+    p = sub.add_parser("build", help="build downsampled datasets from ILSVRC-2012 or a class-folder tree",
+                       description="Decode every image once, resize it to every --sizes x --methods exactly as "
+                                   "Pillow does, and write OUT/<size>_<method>/ in the official format and/or "
+                                   "the native one. Resumable: run the same command again after an interruption.")
+    add_config_arguments(p, BuildConfig)
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
                        description="Write a small learnable dataset in the official format, convert and check it, "

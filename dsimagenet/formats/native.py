@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsimagenet.formats.atomic import atomic_write, commit, temp_path
+from dsimagenet.formats.atomic import atomic_write, commit, fsync_dir, temp_path
 
 FORMAT_NAME = "dsimagenet-native"
 FORMAT_VERSION = 1
@@ -157,6 +157,41 @@ class SplitWriter:
         self.labels.abort()
 
 
+class AdoptedSplit:
+    """A split whose images.npy was written elsewhere (the builder's work array): moved into place on close,
+    with its checksum and pixel sums read back in chunks."""
+
+    def __init__(self, root: Path, split: str, images_path: str | Path, labels: np.ndarray, label_dtype):
+        self.root, self.split, self.src, self.labels, self.label_dtype = root, split, Path(images_path), labels, \
+            label_dtype
+        self.pixel_sum = None
+
+    def close(self) -> dict:
+        dst = self.root / self.split / "images.npy"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.load(self.src, mmap_mode="r")
+        if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != len(self.labels):
+            raise ValueError(f"{self.src}: {arr.dtype} {arr.shape} for {len(self.labels)} labels")
+        h, self.pixel_sum = hashlib.sha256(), np.zeros(arr.shape[1:], np.float64)
+        row = int(np.prod(arr.shape[1:]))
+        with open(self.src, "rb") as f:
+            f.seek(arr.offset)
+            for a in range(0, len(arr), 8192):
+                n = min(8192, len(arr) - a)
+                chunk = np.fromfile(f, np.uint8, n * row)
+                h.update(chunk.data)
+                self.pixel_sum += chunk.reshape(n, *arr.shape[1:]).sum(axis=0, dtype=np.float64)
+        del arr
+        os.replace(self.src, dst)
+        fsync_dir(dst.parent)
+        labels = NpyWriter(self.root / self.split / "labels.npy", (), self.label_dtype, len(self.labels))
+        labels.append(self.labels)
+        return {"count": len(self.labels), "sha256": {"images.npy": h.hexdigest(), "labels.npy": labels.close()}}
+
+    def abort(self) -> None:
+        pass
+
+
 class NativeWriter:
     """Writes a native dataset: ``with NativeWriter(root, 32, wnids) as w: w.split("train").append(x, y)``.
 
@@ -168,7 +203,7 @@ class NativeWriter:
         self.wnids, self.names = list(wnids), list(names) if names is not None else None
         self.info = {"method": method, "source": source, **(extra or {})}
         self.label_dtype = np.int16 if len(wnids) < 2**15 else np.int32
-        self.splits: dict[str, SplitWriter] = {}
+        self.splits: dict[str, SplitWriter | AdoptedSplit] = {}
         self.mean: np.ndarray | None = None
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -177,6 +212,10 @@ class NativeWriter:
             raise ValueError(f"split {name!r} already being written")
         self.splits[name] = SplitWriter(self.root, name, self.size, self.label_dtype, count)
         return self.splits[name]
+
+    def adopt(self, name: str, images_path: str | Path, labels: np.ndarray) -> None:
+        """Take an images.npy written elsewhere as split ``name`` (moved into place by ``close``)."""
+        self.splits[name] = AdoptedSplit(self.root, name, images_path, labels, self.label_dtype)
 
     def __enter__(self) -> NativeWriter:
         return self

@@ -246,7 +246,7 @@ class _Raw:
     """Array bytes to be written as one BINBYTES opcode straight from the array's memory."""
 
     def __init__(self, array: np.ndarray):
-        self.view = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.view = memoryview(np.ascontiguousarray(array).reshape(-1))  # 1-D uint8, empty batches too
 
 
 class _BatchPickler(pickle._Pickler):

@@ -1,0 +1,441 @@
+"""Build downsampled datasets from the raw ILSVRC-2012 release or any class-folder tree.
+
+    dsimagenet build --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar --out out \\
+        --sizes 16 32 64 --methods box        # -> out/16_box/, out/32_box/, out/64_box/
+    dsimagenet.build(BuildConfig(out="out", folder="my_dataset", sizes=(32,)))
+
+Source -> index (archives are indexed, never extracted) -> a seeded order -> chunks of rows, each decoded once
+and resized to every (size, method) by worker processes that write their rows straight into place -> the native
+arrays -> the official batch files and a manifest. A journal of finished chunks makes the build resumable after
+any interruption (SIGKILL included) with byte-identical results; the same seed gives the same bytes whatever the
+number of workers and the order in which the file system lists files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dsimagenet.formats import native
+from dsimagenet.formats.atomic import atomic_write
+from dsimagenet.labels import IMAGENET, ClassTable
+from dsimagenet.resize import ImageError, Resize, resize_all
+from dsimagenet.sources import folder as folder_source
+from dsimagenet.sources import imagenet as imagenet_source
+from dsimagenet.sources.records import Listing, Record, read_record
+
+FORMATS = ("pickle", "npz", "native")
+WORK = ".build"
+LOCK = ".build.lock"
+_CHUNK_BYTES = 32 << 20
+
+
+class BuildError(RuntimeError):
+    """The build stopped; the message says which file and why, and how to go on."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    out: str
+    train: str | None = None
+    val: str | None = None
+    folder: str | None = None
+    devkit: str | None = None
+    sizes: tuple[int, ...] = (32,)
+    methods: tuple[str, ...] = ("box",)
+    formats: tuple[str, ...] = ("pickle", "native")
+    aspect: str = "squash"
+    fast: bool = False
+    exif_transpose: bool = False
+    seed: int = 0
+    workers: int | None = None  # default: every core
+    skip_bad: bool = False
+    allow_partial: bool = False
+    verify: bool = False
+    max_image_pixels: int | None = None  # Pillow's decompression-bomb limit; None keeps Pillow's
+    chunk_rows: int | None = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        for name in ("sizes", "methods", "formats"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ValueError(f"formats must be among {FORMATS}, not {list(self.formats)}")
+        if self.folder and (self.train or self.val):
+            raise ValueError("--folder is one source; use it without --train/--val")
+        if not (self.folder or self.train or self.val):
+            raise ValueError("nothing to build: give --train and/or --val (ILSVRC-2012), or --folder")
+        self.resize  # noqa: B018 - validates methods, sizes, aspect
+
+    @property
+    def resize(self) -> Resize:
+        return Resize(self.sizes, self.methods, self.aspect, self.fast, self.exif_transpose)
+
+
+# --- worker side -------------------------------------------------------------------------------------------
+
+_fds: dict[str, int] = {}
+
+
+def _init_worker(max_pixels: int | None) -> None:
+    from PIL import Image
+
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _work_fd(path: str) -> int:
+    fd = _fds.get("w:" + path)
+    if fd is None:
+        fd = _fds["w:" + path] = os.open(path, os.O_WRONLY)
+    return fd
+
+
+def _run_chunk(task: dict) -> dict:
+    """Decode and resize one chunk of rows and write them into the work arrays; returns notes and bad rows."""
+    r: Resize = task["resize"]
+    records: list[Record] = task["records"]
+    rows = {c: np.zeros((len(records), c[0], c[0], 3), np.uint8) for c in r.combos}
+    notes, bad = [], []
+    for i, rec in enumerate(records):
+        try:
+            out, note = resize_all(read_record(rec, _fds), r)
+        except ImageError as e:
+            bad.append((task["start"] + i, rec.key, str(e)))
+            if not task["skip_bad"]:
+                break
+            continue
+        except OSError as e:
+            return {"error": f"{rec.path}: reading {rec.key}: {e}"}
+        for c in r.combos:
+            rows[c][i] = out[c]
+        if note:
+            notes.append((rec.key, note))
+    if bad and not task["skip_bad"]:
+        return {"bad": bad}
+    for c, path in task["arrays"].items():
+        fd = _work_fd(path)
+        row_bytes = 3 * c[0] * c[0]
+        os.pwrite(fd, rows[c].data, native._HEADER_BYTES + task["start"] * row_bytes)
+        os.fsync(fd)  # durable before the chunk is journalled as done
+    return {"split": task["split"], "chunk": task["chunk"], "notes": notes, "bad": bad}
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+
+def _listings(c: BuildConfig) -> tuple[dict[str, Listing], dict]:
+    origin = {}
+    if c.folder:
+        return folder_source.list_folder(c.folder), {"folder": str(c.folder)}
+    out = {}
+    if c.train:
+        out["train"] = imagenet_source.list_train(c.train)
+        origin["train"] = str(c.train)
+    if c.val:
+        out["val"], labels_from = imagenet_source.list_val(c.val, c.devkit)
+        origin["val"] = str(c.val)
+        origin["val_labels"] = labels_from
+    return out, origin
+
+
+def _check_counts(c: BuildConfig, splits: dict[str, Listing]) -> list[str]:
+    """Full ImageNet has exactly 1,281,167 train and 50,000 val images: anything else is an error (a tar cut at
+    a member boundary reads short without any error) unless --allow-partial, then a warning."""
+    msgs = []
+    expect = {"train": imagenet_source.NUM_TRAIN_IMAGES, "val": imagenet_source.NUM_VAL_IMAGES}
+    for split, lst in splits.items():
+        if not lst.imagenet:
+            continue
+        n = len(lst.records)
+        if n == expect[split]:
+            continue
+        per_class = Counter(r.label for r in lst.records)
+        empty = [IMAGENET.wnid(k) for k in range(1, 1001) if per_class[k] == 0]
+        where = f"{len(empty)} classes have no images (e.g. {', '.join(empty[:5])})" if empty else ""
+        if split == "val":
+            present = {int(r.key[15:23]) for r in lst.records if r.key.startswith("ILSVRC2012_val_")}
+            missing = [i for i in range(1, 50_001) if i not in present][:5]
+            where += (", " if where else "") + f"missing e.g. ILSVRC2012_val_{missing[0]:08d}" if missing else ""
+        short = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
+        diff = f"{expect[split] - n:,} missing" if n < expect[split] else f"{n - expect[split]:,} too many"
+        msgs.append(f"{split}: {n:,} images, full ILSVRC-2012 has {expect[split]:,} ({diff}); "
+                    f"{where or 'fewest per class: ' + ', '.join(f'{IMAGENET.wnid(k)} {v}' for k, v in short)}")
+    return msgs
+
+
+def _plan_digest(c: BuildConfig, splits: dict[str, Listing]) -> str:
+    """Everything that decides the output bytes: a resumed build must match it."""
+    h = hashlib.sha256()
+    keep = {k: v for k, v in dataclasses.asdict(c).items()
+            if k not in ("workers", "quiet", "verify", "chunk_rows", "out", "skip_bad", "allow_partial")}
+    h.update(json.dumps(keep, sort_keys=True).encode())
+    for split in sorted(splits):
+        for r in splits[split].records:
+            h.update(f"{split}\0{r.key}\0{r.label}\0{r.size}\n".encode())
+    return h.hexdigest()
+
+
+def _chunk_rows(c: BuildConfig, n_total: int, workers: int) -> int:
+    if c.chunk_rows:
+        return c.chunk_rows
+    row_bytes = sum(3 * s * s for s, _ in c.resize.combos)
+    rows = max(16, min(4096, _CHUNK_BYTES // row_bytes))
+    return max(16, min(rows, -(-n_total // (4 * workers))))
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BuildError(f"{out}: another build is writing into this folder (it holds {out / LOCK})") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _combo_dir(out: Path, size: int, method: str) -> Path:
+    return out / f"{size}_{method}"
+
+
+# --- the build ---------------------------------------------------------------------------------------------
+
+def build(c: BuildConfig) -> dict:
+    """Build every (size, method) of ``c``; returns {"<size>_<method>": manifest}."""
+    out = Path(c.out)
+    t0 = time.perf_counter()
+    with _lock(out):
+        if c.verify:
+            for p in (c.train, c.val, c.devkit):
+                if p and Path(p).is_file():
+                    imagenet_source.verify_md5(p)
+        splits, origin = _listings(c)
+        problems = [(s, k, why) for s, lst in splits.items() for k, why in lst.problems]
+        if problems and not c.skip_bad:
+            s, k, why = problems[0]
+            raise BuildError(f"{k}: {why} ({len(problems)} such entries; --skip-bad skips them and lists them "
+                             "in the manifest)")
+        count_msgs = _check_counts(c, splits)
+        if count_msgs and not c.allow_partial:
+            raise BuildError("incomplete ILSVRC-2012: " + "; ".join(count_msgs) + " (--allow-partial builds it "
+                             "anyway)")
+        for m in count_msgs:
+            print(f"warning: {m}")
+        empty = [s for s, lst in splits.items() if not lst.records]
+        if empty:
+            raise BuildError(f"no images found for {', '.join(empty)}")
+        try:
+            result = _build_locked(c, out, splits, origin)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                shutil.rmtree(out / WORK, ignore_errors=True)  # the space is what the user needs back
+                raise BuildError(f"{out}: the disk is full; the unfinished build was removed") from None
+            raise
+    if not c.quiet:
+        n = sum(len(lst.records) for lst in splits.values())
+        print(f"built {', '.join(result)} in {out}: {n:,} images in {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin: dict) -> dict:
+    work = out / WORK
+    digest = _plan_digest(c, splits)
+    plan_path, journal_path = work / "plan.json", work / "done.jsonl"
+    if plan_path.exists():
+        if json.loads(plan_path.read_text()).get("digest") != digest:
+            raise BuildError(f"{out}: holds an unfinished build with other settings or inputs; run the same "
+                             f"command again to finish it, or remove {work} to start over")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    r = c.resize
+    order = {}
+    for split, lst in splits.items():
+        n = len(lst.records)
+        order[split] = (np.random.default_rng(c.seed).permutation(n) if split == "train" else np.arange(n))
+    arrays = {}
+    for split, lst in splits.items():
+        for size, method in r.combos:
+            path = work / f"{split}_{size}_{method}.npy"
+            if not path.exists():
+                with open(path, "wb") as f:
+                    f.write(native._npy_header((len(lst.records), size, size, 3), np.uint8))
+                    f.truncate(native._HEADER_BYTES + len(lst.records) * 3 * size * size)
+            arrays[(split, size, method)] = str(path)
+    if not plan_path.exists():
+        with atomic_write(plan_path, "w") as f:
+            json.dump({"digest": digest}, f)
+    done = {}
+    if journal_path.exists():
+        for line in journal_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the kill: that chunk is done again
+            done[(entry["split"], entry["chunk"])] = entry
+    workers = c.workers or os.cpu_count() or 1
+    total = sum(len(lst.records) for lst in splits.values())
+    rows_per_chunk = _chunk_rows(c, total, workers)
+    tasks = []
+    for split, lst in splits.items():
+        n = len(lst.records)
+        for k, a in enumerate(range(0, n, rows_per_chunk)):
+            if (split, k) in done:
+                continue
+            b = min(a + rows_per_chunk, n)
+            tasks.append({"split": split, "chunk": k, "start": a, "resize": r, "skip_bad": c.skip_bad,
+                          "records": [lst.records[i] for i in order[split][a:b]],
+                          "arrays": {(s, m): arrays[(split, s, m)] for s, m in r.combos}})
+    _run_tasks(c, tasks, journal_path, done, total, workers)
+    manifests = _finish(c, out, splits, order, arrays, done, origin)
+    shutil.rmtree(work)
+    return manifests
+
+
+def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict, total: int, workers: int) -> None:
+    from tqdm import tqdm
+
+    already = total - sum(len(t["records"]) for t in tasks)
+    bar = tqdm(total=total, initial=already, unit="img", disable=c.quiet, smoothing=0.05, desc="build")
+    ctx = multiprocessing.get_context("spawn")  # no inherited file descriptors (the lock) in the workers
+    with open(journal_path, "a") as journal, cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(c.max_image_pixels,)) as pool:
+        pending: dict[cf.Future, int] = {}
+        it = iter(tasks)
+        try:
+            while True:
+                while len(pending) < 2 * workers and (t := next(it, None)) is not None:
+                    pending[pool.submit(_run_chunk, t)] = len(t["records"])
+                if not pending:
+                    break
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    n = pending.pop(f)
+                    res = f.result()
+                    if "error" in res:
+                        raise BuildError(res["error"])
+                    if "split" not in res:
+                        _, key, why = res["bad"][0]
+                        raise BuildError(f"{key}: {why} (--skip-bad skips such files and lists them in the "
+                                         "manifest)")
+                    journal.write(json.dumps(res) + "\n")
+                    journal.flush()
+                    os.fsync(journal.fileno())
+                    done[(res["split"], res["chunk"])] = res
+                    bar.update(n)
+        except cf.process.BrokenProcessPool:
+            raise BuildError("a worker process died (killed, or out of memory); run the same command again to "
+                             "resume") from None
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+
+
+def _compact(path: str, bad: set[int], size: int) -> str:
+    """A copy of the work array without the rows of skipped images."""
+    arr = np.load(path, mmap_mode="r")
+    keep = np.setdiff1d(np.arange(len(arr)), np.fromiter(bad, np.int64))
+    dst = path + ".kept"
+    w = native.NpyWriter(dst, (size, size, 3), np.uint8, len(keep))
+    for a in range(0, len(keep), 4096):
+        w.append(np.asarray(arr[keep[a:a + 4096]]))
+    w.close()
+    os.replace(dst, path)
+    return path
+
+
+def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, arrays: dict, done: dict,
+            origin: dict) -> dict:
+    from dsimagenet.convert import convert
+    from dsimagenet.runs import versions
+
+    notes = sorted(k_n for e in done.values() for k_n in map(tuple, e["notes"]))
+    bad = {split: {pos: (key, why) for e in done.values() if e["split"] == split for pos, key, why in e["bad"]}
+           for split in splits}
+    if not c.skip_bad and any(bad.values()):
+        key, why = next(iter(next(b for b in bad.values() if b).values()))
+        raise BuildError(f"{key}: {why} (found by an earlier run with --skip-bad; pass it again to skip)")
+    skipped = sorted([(k, why) for lst in splits.values() for k, why in lst.problems] +
+                     [(key, why) for b in bad.values() for key, why in b.values()])
+    labels = {}
+    for split, lst in splits.items():
+        lab = np.array([lst.records[i].label for i in order[split]], np.int64)
+        labels[split] = np.delete(lab, sorted(bad[split])) if bad[split] else lab
+    first = next(iter(splits.values()))
+    table = IMAGENET if first.imagenet else ClassTable(tuple(first.wnids), tuple(first.wnids))
+    manifests = {}
+    for size, method in c.resize.combos:
+        dst = _combo_dir(out, size, method)
+        if dst.exists():
+            shutil.rmtree(dst)  # a previous complete build with these settings is replaced whole
+        dst.mkdir(parents=True)
+        writer = native.NativeWriter(dst, size, list(table.wnids), list(table.names), method=method,
+                                     source=json.dumps(origin), extra={"aspect": c.aspect, "fast": c.fast})
+        for split in splits:
+            path = arrays[(split, size, method)]
+            if bad[split]:
+                path = _compact(path, set(bad[split]), size)
+            writer.adopt(split, path, labels[split])
+        writer.close()
+        official_formats = [f for f in c.formats if f != "native"]
+        if official_formats:
+            convert(dst, dst, official_formats, src_format="native")
+        if "native" not in c.formats:
+            (dst / native.META).unlink()
+            (dst / "mean.npy").unlink(missing_ok=True)
+            for split in splits:
+                shutil.rmtree(dst / split)
+        manifest = {
+            "dsimagenet_build": 1, "size": size, "method": method,
+            "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("quiet",)},
+            "versions": {**versions(), "libjpeg": _libjpeg_version()}, "source": origin,
+            "label_order": "devkit" if table is IMAGENET else "sorted class folders",
+            "counts": {split: int(len(lab)) for split, lab in labels.items()},
+            "per_class": {split: {table.wnids[k - 1]: int(v) for k, v in sorted(Counter(lab.tolist()).items())}
+                          for split, lab in labels.items()},
+            "converted": [list(x) for x in notes], "skipped": [list(x) for x in skipped],
+            "ignored": sorted(list(x) for lst in splits.values() for x in lst.ignored),
+            "files": {str(p.relative_to(dst)): _sha256(p) for p in sorted(dst.rglob("*")) if p.is_file()},
+        }
+        with atomic_write(dst / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=1)
+        manifests[dst.name] = manifest
+    return manifests
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _libjpeg_version() -> str | None:
+    from PIL import features
+
+    v = features.version("jpg")
+    return f"{v} (libjpeg-turbo)" if features.check_feature("libjpeg_turbo") else v

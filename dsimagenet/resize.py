@@ -1,0 +1,107 @@
+"""The kernel: image bytes -> RGB -> uint8 (S, S, 3) for several sizes and methods from one decode. Pure: no I/O.
+
+    >>> out, note = resize_all(jpeg_bytes, Resize(sizes=(16, 32), methods=("box", "nearest")))
+    >>> out[(32, "box")].shape
+    (32, 32, 3)
+
+The exact path (the default) is the paper's: ``Image.open(f).convert("RGB").resize((S, S), method)`` on the
+whole image, byte for byte with the installed Pillow. ``fast`` lets libjpeg decode at a reduced scale
+(``Image.draft``) when the image is much larger than the largest output, and resizes with ``reducing_gap``:
+close to, but not the same as, the exact pixels (BENCHMARKS.md gives the difference per method).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+METHODS = {"box": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST,
+           "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+           "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+ASPECTS = ("squash", "center-crop")
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class Resize:
+    sizes: tuple[int, ...] = (32,)
+    methods: tuple[str, ...] = ("box",)
+    aspect: str = "squash"  # the paper squashes the whole image; center-crop takes the central square first
+    fast: bool = False
+    exif_transpose: bool = False  # the paper and the standard pipelines ignore EXIF orientation
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}: choose from {sorted(METHODS)}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, not {self.aspect!r}")
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"sizes must be positive, not {self.sizes}")
+
+    @property
+    def combos(self) -> list[tuple[int, str]]:
+        return [(s, m) for s in self.sizes for m in self.methods]
+
+
+def decode(data: bytes, r: Resize) -> tuple[Image.Image, str | None]:
+    """Bytes -> an RGB image, all pixels loaded. Returns it and a note on what was converted (None if nothing).
+
+    Raises ImageError for empty, truncated, corrupt or non-image data and for decompression bombs."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt, mode = img.format, img.mode
+            if r.fast and fmt == "JPEG":
+                # decode at 1/2, 1/4 or 1/8 scale while both sides stay at least twice the largest output
+                want = 2 * max(r.sizes)
+                img.draft("RGB", (want, want))
+            img.load()  # a truncated JPEG fails here, not at open
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"damaged image: {e}") from None
+    if r.exif_transpose:
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types on bad EXIF; name the file, don't crash
+            raise ImageError(f"unreadable EXIF orientation: {e}") from None
+    notes = []
+    if fmt != "JPEG":
+        notes.append(f"{fmt} content")
+    if img.mode != "RGB":
+        notes.append(f"mode {mode} converted to RGB")
+        img = img.convert("RGB")
+    if min(img.size) < 1:
+        raise ImageError(f"image of size {img.size}")
+    return img, "; ".join(notes) or None
+
+
+def resize_all(data: bytes, r: Resize) -> tuple[dict[tuple[int, str], np.ndarray], str | None]:
+    """Every (size, method) of ``r`` from one decode of ``data``."""
+    img, note = decode(data, r)
+    if r.aspect == "center-crop":
+        w, h = img.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    out = {}
+    for size, method in r.combos:
+        if r.fast:
+            res = img.resize((size, size), METHODS[method], reducing_gap=3.0)
+        else:
+            res = img.resize((size, size), METHODS[method])
+        out[(size, method)] = np.asarray(res, dtype=np.uint8)
+    return out, note

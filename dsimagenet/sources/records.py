@@ -1,0 +1,107 @@
+"""Where each image's bytes are: a file and a byte range, inside a tar or not. Archives are indexed, never
+extracted: a worker reads an image with one ``os.pread`` from the archive itself.
+
+Listing a tar reads its headers only (tarfile seeks past the data); a tar inside a tar (the train archive's
+class tars) is listed through a window onto the outer file. Members that are not regular files (links,
+directories, devices) are reported, never followed, and nothing is ever written under a member's name.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class SourceError(ValueError):
+    """A source that is not what it should be; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True, order=True)
+class Record:
+    key: str  # sort key and name in messages, e.g. "n01440764/n01440764_10026.JPEG"
+    label: int  # 1-based
+    path: str  # the file to read from (an archive or the image itself)
+    offset: int  # where the image's bytes start in ``path``
+    size: int
+
+
+@dataclass
+class Listing:
+    """The images of one split, sorted by key, with what was set aside and why."""
+
+    records: list[Record]
+    wnids: list[str]  # class names in label order (label k is wnids[k - 1])
+    imagenet: bool  # labels are ILSVRC-2012 devkit IDs
+    problems: list[tuple[str, str]] = field(default_factory=list)  # bad entries: an error unless --skip-bad
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # not images by name: listed, not read
+
+
+class Window:
+    """A read-only file object over ``size`` bytes of ``f`` from ``base`` (a tar inside a tar)."""
+
+    def __init__(self, f, base: int, size: int):
+        self.f, self.base, self.size, self.pos = f, base, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        self.f.seek(self.base + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+
+def tar_members(f, where: str, base: int = 0, limit: int | None = None) -> Iterator[tuple[tarfile.TarInfo, int]]:
+    """(member, absolute offset of its data) for every member of the tar in ``f`` at ``base``; raises
+    SourceError if a member's data runs past the end (a tar cut in the middle of a member)."""
+    end = limit if limit is not None else os.fstat(f.fileno()).st_size
+    fobj = Window(f, base, end - base) if base or limit is not None else f
+    try:
+        tf = tarfile.open(fileobj=fobj, mode="r:")
+        for m in tf:
+            if m.isfile() and base + m.offset_data + m.size > end:
+                raise SourceError(f"{where}: cut short: member {m.name} needs {m.size:,} bytes at "
+                                  f"{base + m.offset_data:,}, the file ends at {end:,}")
+            yield m, base + m.offset_data
+    except tarfile.TarError as e:
+        raise SourceError(f"{where}: not a readable tar file: {e}") from None
+
+
+def member_problem(m: tarfile.TarInfo) -> str | None:
+    if m.issym() or m.islnk():
+        return f"a link to {m.linkname!r} (links are not followed)"
+    if not m.isfile():
+        return "not a regular file"
+    name = m.name
+    if name.startswith("/") or ".." in Path(name).parts:
+        return "an absolute or '..' path"
+    return None
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_record(r: Record, fds: dict[str, int]) -> bytes:
+    """The bytes of one image; ``fds`` caches open files per path (one per worker)."""
+    fd = fds.get(r.path)
+    if fd is None:
+        fd = fds[r.path] = os.open(r.path, os.O_RDONLY)
+    data = os.pread(fd, r.size, r.offset)
+    if len(data) != r.size:
+        raise OSError(f"read {len(data)} of {r.size} bytes: the file was cut short or changed")
+    return data

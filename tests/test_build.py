@@ -1,0 +1,325 @@
+"""The builder on a miniature release: Pillow-exact pixels, every layout, determinism, resume, bad input."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from release import CLASSES, encode, make_release, reference, tar_bytes
+
+from dsimagenet import open_dataset
+from dsimagenet.build import BuildConfig, BuildError, build
+from dsimagenet.labels import IMAGENET, val_ground_truth
+
+QUIET = dict(quiet=True, workers=1, allow_partial=True)
+
+
+@pytest.fixture(scope="module")
+def rel(tmp_path_factory):
+    return make_release(tmp_path_factory.mktemp("release"))
+
+
+def expected_train_order(keys, seed=0):
+    """The documented order: keys sorted, then numpy's default_rng(seed).permutation."""
+    keys = sorted(keys)
+    return [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+
+
+def files_of(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()
+            and p.name != "manifest.json"}
+
+
+METHODS = ["box", "nearest", "bilinear", "bicubic", "hamming", "lanczos"]
+
+
+def test_pixels_match_pillow_for_every_method_and_size(rel, tmp_path):
+    build(BuildConfig(out=str(tmp_path), train=str(rel.train_tar), val=str(rel.val_tar), sizes=(8, 13, 32),
+                      methods=tuple(METHODS), formats=("native",), **QUIET))
+    order = expected_train_order(rel.train)
+    for size in (8, 13, 32):
+        for method in METHODS:
+            ds = open_dataset(tmp_path / f"{size}_{method}")
+            assert len(ds) == len(rel.train)
+            for i, key in enumerate(order):
+                np.testing.assert_array_equal(ds.data[i], reference(rel.train[key], size, method), err_msg=key)
+                assert ds.targets[i] == IMAGENET.devkit_id(key.split("/")[0]) - 1
+    val = open_dataset(tmp_path / "13_lanczos", "val")
+    for i, name in enumerate(sorted(rel.val)):  # val in sorted file-name order, labels from the ground truth
+        np.testing.assert_array_equal(val.data[i], reference(rel.val[name], 13, "lanczos"))
+        assert val.targets[i] == val_ground_truth()[int(name[15:23]) - 1] - 1
+
+
+def test_official_files_read_back_as_format_md_says(rel, tmp_path):
+    build(BuildConfig(out=str(tmp_path), train=str(rel.train_tar), val=str(rel.val_tar), sizes=(8,),
+                      formats=("pickle", "npz"), **QUIET))
+    d = tmp_path / "8_box"
+    order = expected_train_order(rel.train)
+    n = len(order)
+    rows, labels = [], []
+    for k in range(1, 11):
+        with open(d / f"train_data_batch_{k}", "rb") as f:
+            b = pickle.load(f, encoding="latin1")
+        assert len(b["data"]) == (n // 10 if k < 10 else n - 9 * (n // 10))
+        assert isinstance(b["labels"], list) and b["mean"].dtype == np.float64
+        rows.append(b["data"])
+        labels += b["labels"]
+        z = np.load(d / f"train_data_batch_{k}.npz", allow_pickle=False)
+        np.testing.assert_array_equal(z["data"], b["data"])
+    x = np.concatenate(rows).reshape(-1, 3, 8, 8).transpose(0, 2, 3, 1)  # format.md's recipe
+    for i, key in enumerate(order):
+        np.testing.assert_array_equal(x[i], reference(rel.train[key], 8, "box"))
+        assert labels[i] == IMAGENET.devkit_id(key.split("/")[0])
+    np.testing.assert_allclose(b["mean"], np.concatenate(rows).mean(0))
+    with open(d / "val_data", "rb") as f:
+        v = pickle.load(f, encoding="latin1")
+    assert "mean" not in v and len(v["data"]) == len(rel.val)
+    assert not (d / "meta.json").exists()  # native was not asked for
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": n, "val": len(rel.val)}
+    assert set(manifest["files"]) == {p.name for p in d.iterdir() if p.name != "manifest.json"}
+    converted = dict(map(tuple, manifest["converted"]))
+    assert "CMYK" in converted[f"{CLASSES[0]}/{CLASSES[0]}_4.JPEG"]
+    assert "PNG" in converted[f"{CLASSES[0]}/{CLASSES[0]}_5.JPEG"]
+    assert manifest["versions"]["pillow"] and manifest["versions"]["libjpeg"]
+
+
+def test_layouts_give_identical_bytes(rel, tmp_path):
+    common = dict(sizes=(8,), formats=("native", "pickle"), **QUIET)
+    build(BuildConfig(out=str(tmp_path / "tar"), train=str(rel.train_tar), val=str(rel.val_tar),
+                      devkit=str(rel.devkit), **common))
+    build(BuildConfig(out=str(tmp_path / "dir"), train=str(rel.train_dir), val=str(rel.val_dir), **common))
+    build(BuildConfig(out=str(tmp_path / "kaggle"), train=str(rel.kaggle), val=str(rel.kaggle), **common))
+    ref = files_of(tmp_path / "tar" / "8_box")
+    # native meta.json records the source path: compare everything else byte for byte
+    for other in ("dir", "kaggle"):
+        got = files_of(tmp_path / other / "8_box")
+        assert got.keys() == ref.keys()
+        assert {k for k in ref if got[k] != ref[k]} == {"meta.json"}
+
+
+def test_workers_and_listing_order_do_not_change_bytes(rel, tmp_path, monkeypatch):
+    common = dict(train=str(rel.train_dir), sizes=(8,), formats=("native",), quiet=True, allow_partial=True,
+                  chunk_rows=4)
+    build(BuildConfig(out=str(tmp_path / "one"), workers=1, **common))
+    real_iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: reversed(list(real_iterdir(self))))
+    build(BuildConfig(out=str(tmp_path / "two"), workers=2, **common))
+    assert files_of(tmp_path / "one" / "8_box") == files_of(tmp_path / "two" / "8_box")
+    build(BuildConfig(out=str(tmp_path / "seed1"), workers=1, seed=1, **{**common}))
+    assert files_of(tmp_path / "seed1" / "8_box") != files_of(tmp_path / "one" / "8_box")
+
+
+def test_devkit_in_another_order_and_kaggle_csv_label_val(rel, tmp_path):
+    from release import devkit_targz
+
+    from dsimagenet.sources.imagenet import list_val
+
+    shuffled = devkit_targz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", shuffle_ids=True)
+    truth = val_ground_truth()
+    for devkit in (shuffled, rel.kaggle / "LOC_val_solution.csv", None):
+        listing, _ = list_val(rel.val_tar, devkit)
+        assert [r.label for r in listing.records] == [int(truth[int(k[15:23]) - 1]) for k in sorted(rel.val)]
+    short = devkit_targz(tmp_path / "short.tar.gz", gt_lines=49_999)
+    with pytest.raises(ValueError, match="49,999 lines"):
+        list_val(rel.val_tar, short)
+
+
+def test_center_crop_and_exif(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "f" / "cls"
+    root.mkdir(parents=True)
+    a = np.random.default_rng(0).integers(0, 256, (20, 50, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    b = tmp_path / "x.jpg"
+    img.save(b, "JPEG", exif=exif)
+    (root / "a.jpg").write_bytes(b.read_bytes())
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(tmp_path / "f"), sizes=(8,), formats=("native",),
+                      aspect="center-crop", quiet=True, workers=1))
+    got = open_dataset(tmp_path / "o" / "8_box").data[0]
+    src = Image.open(b).convert("RGB")
+    np.testing.assert_array_equal(got, np.asarray(src.crop((15, 0, 35, 20)).resize((8, 8), Image.BOX)))
+    build(BuildConfig(out=str(tmp_path / "e"), folder=str(tmp_path / "f"), sizes=(8,), formats=("native",),
+                      exif_transpose=True, quiet=True, workers=1))
+    from PIL import ImageOps
+
+    want = np.asarray(ImageOps.exif_transpose(Image.open(b)).convert("RGB").resize((8, 8), Image.BOX))
+    np.testing.assert_array_equal(open_dataset(tmp_path / "e" / "8_box").data[0], want)
+
+
+def test_folder_of_other_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("zebra", "apple"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "data" / "train" / "apple" / "notes.txt").write_text("not an image")
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(tmp_path / "data"), sizes=(4,), quiet=True, workers=1))
+    ds = open_dataset(tmp_path / "o" / "4_box", "val")
+    assert ds.wnids == ["apple", "zebra"] and sorted(ds.targets.tolist()) == [0, 0, 1, 1]
+    manifest = json.loads((tmp_path / "o" / "4_box" / "manifest.json").read_text())
+    assert manifest["ignored"] == [["apple/notes.txt", "not an image file name"]]
+
+
+def test_full_imagenet_counts_are_checked(rel, tmp_path):
+    with pytest.raises(BuildError, match=r"full ILSVRC-2012 has 1,281,167.*997 classes have no images"):
+        build(BuildConfig(out=str(tmp_path), train=str(rel.train_tar), quiet=True, workers=1))
+    with pytest.raises(BuildError, match=r"val: 13 images.*missing e.g. ILSVRC2012_val_00000014"):
+        build(BuildConfig(out=str(tmp_path), val=str(rel.val_tar), quiet=True, workers=1))
+
+
+def _bad_release(tmp_path, name, data):
+    root = tmp_path / "bad" / "n02119789"
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(3):
+        (root / f"ok{i}.JPEG").write_bytes(encode(Image.fromarray(rng.integers(0, 256, (9, 9, 3), np.uint8))))
+    (root / name).write_bytes(data)
+    return tmp_path / "bad"
+
+
+@pytest.mark.parametrize("name, data, why", [
+    ("empty.JPEG", b"", "empty file"),
+    ("text.JPEG", b"hello, I am not a JPEG\n" * 10, "not an image"),
+    ("cut.JPEG", None, "damaged image"),
+])
+def test_bad_images_stop_the_build_or_are_skipped(tmp_path, name, data, why):
+    from PIL import Image
+
+    if data is None:
+        full = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)))
+        data = full[: len(full) // 2]
+    src = _bad_release(tmp_path, name, data)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match=f"n02119789/{name}: {why}"):
+        build(BuildConfig(out=str(out), train=str(src), sizes=(8,), **QUIET))
+    assert not (out / "8_box").exists()  # nothing under a final name
+    build(BuildConfig(out=str(out), train=str(src), sizes=(8,), skip_bad=True, **QUIET))
+    manifest = json.loads((out / "8_box" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 3
+    assert manifest["skipped"][0][0] == f"n02119789/{name}" and why in manifest["skipped"][0][1]
+    assert len(open_dataset(out / "8_box")) == 3
+
+
+def test_decompression_bomb_is_a_per_file_error(tmp_path):
+    from PIL import Image
+
+    src = _bad_release(tmp_path, "big.JPEG", encode(Image.new("RGB", (300, 300))))
+    with pytest.raises(BuildError, match="big.JPEG: decompression bomb"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(src), sizes=(8,), max_image_pixels=10_000, **QUIET))
+
+
+def test_tar_links_and_dotdot_members_write_nothing(tmp_path, rel):
+    b = tar_bytes({"n02119789_1.JPEG": rel.train[f"{CLASSES[0]}/{CLASSES[0]}_1.JPEG"]})
+    raw = tarfile.open(fileobj=__import__("io").BytesIO(b))
+    import io
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as t:
+        for m in raw.getmembers():
+            t.addfile(m, raw.extractfile(m))
+        for name, kind in (("../evil.JPEG", tarfile.REGTYPE), ("/abs.JPEG", tarfile.REGTYPE),
+                           ("link.JPEG", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            data = rel.train[f"{CLASSES[0]}/{CLASSES[0]}_2.JPEG"] if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    outer = tmp_path / "train.tar"
+    outer.write_bytes(tar_bytes({"n02119789.tar": out.getvalue()}))
+    with pytest.raises(BuildError, match=r"'\.\.' path|link"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(outer), sizes=(8,), **QUIET))
+    build(BuildConfig(out=str(tmp_path / "o"), train=str(outer), sizes=(8,), skip_bad=True, **QUIET))
+    manifest = json.loads((tmp_path / "o" / "8_box" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 1 and len(manifest["skipped"]) == 3
+    assert not (tmp_path / "evil.JPEG").exists() and not Path("/abs.JPEG").exists()
+
+
+def test_tar_cut_mid_member(rel, tmp_path):
+    cut = tmp_path / "ILSVRC2012_img_train.tar"
+    data = rel.train_tar.read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ValueError, match="cut short"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(cut), sizes=(8,), **QUIET))
+
+
+def test_verify_md5(rel, tmp_path):
+    with pytest.raises(ValueError, match="MD5"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), verify=True, **QUIET))
+
+
+def test_missing_paths_say_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match="expected ILSVRC2012_img_train.tar"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(tmp_path / "nope"), **QUIET))
+    with pytest.raises(ValueError, match="nothing to build"):
+        BuildConfig(out="o")
+
+
+def test_second_build_into_the_same_folder_is_refused(rel, tmp_path):
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".build.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BuildError, match="another build"):
+            build(BuildConfig(out=str(out), train=str(rel.train_tar), **QUIET))
+    finally:
+        os.close(fd)
+
+
+def _cli(rel, out, *extra):
+    return [sys.executable, "-m", "dsimagenet", "build", "--train", str(rel.train_tar), "--val", str(rel.val_tar),
+            "--out", str(out), "--sizes", "8", "16", "--methods", "box", "bicubic", "--workers", "1",
+            "--chunk-rows", "2", "--allow-partial", "--quiet", *extra]
+
+
+def test_sigkill_and_resume_is_byte_identical(rel, tmp_path):
+    subprocess.run(_cli(rel, tmp_path / "whole"), check=True)
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(_cli(rel, killed))
+    journal = killed / ".build" / "done.jsonl"
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline and not (journal.exists() and journal.stat().st_size > 0):
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (killed / ".build").exists(), "the build finished before it could be killed"
+    assert not (killed / "8_box" / "manifest.json").exists()
+    subprocess.run(_cli(rel, killed), check=True)
+    for combo in ("8_box", "8_bicubic", "16_box", "16_bicubic"):
+        a, b = files_of(tmp_path / "whole" / combo), files_of(killed / combo)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json")
+    assert not (killed / ".build").exists()
+
+
+def test_disk_full_fails_cleanly(rel, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(BuildError, match="disk is full"):
+            build(BuildConfig(out=str(mnt / "o"), train=str(rel.train_tar), sizes=(64,), **QUIET))
+        assert not (mnt / "o" / ".build").exists()
+        assert not list((mnt / "o").glob("*/manifest.json"))
+    finally:
+        subprocess.run(["umount", str(mnt)])
