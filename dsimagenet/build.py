@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -239,7 +240,7 @@ def build(c: BuildConfig) -> dict:
             raise BuildError("incomplete ILSVRC-2012: " + "; ".join(count_msgs) + " (--allow-partial builds it "
                              "anyway)")
         for m in count_msgs:
-            print(f"warning: {m}")
+            print(f"warning: {m}", file=sys.stderr)
         empty = [s for s, lst in splits.items() if not lst.records]
         if empty:
             raise BuildError(f"no images found for {', '.join(empty)}")
@@ -411,7 +412,7 @@ def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, 
         manifest = {
             "dsimagenet_build": 1, "size": size, "method": method,
             "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("quiet",)},
-            "versions": {**versions(), "libjpeg": _libjpeg_version()}, "source": origin,
+            "versions": {**versions(with_torch=False), "libjpeg": _libjpeg_version()}, "source": origin,
             "label_order": "devkit" if table is IMAGENET else "sorted class folders",
             "counts": {split: int(len(lab)) for split, lab in labels.items()},
             "per_class": {split: {table.wnids[k - 1]: int(v) for k, v in sorted(Counter(lab.tolist()).items())}

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
-    from dsimagenet.train import TrainConfig
+    from dsimagenet.recipe import TrainConfig
 
     p = sub.add_parser("train", help="train a Wide ResNet with the paper's recipe",
                        description="Train WRN-N-k on a downsampled ImageNet with the paper's recipe (SGD, momentum "

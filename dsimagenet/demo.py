@@ -1,25 +1,27 @@
-"""``dsimagenet demo``: the whole flow that exists so far, offline, on a built-in example, in about a minute.
+"""``dsimagenet demo``: the whole flow that exists so far, offline, on a built-in example, in a few minutes.
 
     dsimagenet demo --out demo-out        # or: make demo
 
-1. writes a small learnable dataset exactly in the official downsampled-ImageNet format (ten pickled train
-   batches and val_data, labels as devkit IDs, the mean image), as if downloaded;
-2. opens it safely (no pickle.load), converts it to the native format and checks it (``dsimagenet info``);
-3. trains WRN-20-1 on it with the paper's recipe, shortened, and checks that it is far above chance.
+1. writes a small synthetic ILSVRC-2012 release in the real layout: a train tar of per-class tars, the val tar
+   and the devkit tar.gz (``meta.mat`` and the ground truth), with learnable classes (each its own stripes and
+   colours) in varied sizes, aspect ratios and modes, CMYK and grayscale included;
+2. builds it at 16 and 32 px with box and nearest through the same code as real ImageNet (``dsimagenet build``);
+3. trains WRN-20-1 on 16 px box with the paper's recipe, shortened, and checks that it is far above chance.
 
-Building from the raw ILSVRC-2012 layout, sweeps and the HTML report join this demo as their issues land.
+Sweeps and the HTML report join this demo as their issue lands.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from dsimagenet.formats import official
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -48,28 +50,71 @@ def class_images(label: int, n: int, size: int, rng: np.random.Generator) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_example(folder: Path, c: DemoConfig) -> None:
-    """A dataset in the official format: devkit IDs 1..classes, shuffled, ten train batches and val_data."""
+def _tar(files: dict[str, bytes], compress: str = "") -> bytes:
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w:" + compress) as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return b.getvalue()
+
+
+def _jpeg(a: np.ndarray, mode: str) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(b, "JPEG", quality=92)
+    return b.getvalue()
+
+
+def write_release(root: Path, c: DemoConfig) -> dict[str, Path]:
+    """A synthetic ILSVRC-2012 release: classes are devkit IDs 1..c.classes; every 7th image is CMYK and every
+    5th grayscale; sizes from 40 to 160 px a side, any aspect ratio. Val images are ILSVRC2012_val_00000001..,
+    labelled by the devkit's ground truth (the first lines; the rest keep valid IDs)."""
+    import scipy.io
+
+    from dsimagenet.labels import IMAGENET, val_ground_truth
+
     rng = np.random.default_rng(c.seed)
-    splits = {}
-    for split, per in (("train", c.train_per_class), ("val", c.val_per_class)):
-        labels = np.repeat(np.arange(1, c.classes + 1), per)
-        images = np.concatenate([class_images(k, per, c.size, rng) for k in range(1, c.classes + 1)])
-        order = rng.permutation(len(labels)) if split == "train" else np.arange(len(labels))
-        splits[split] = images[order], labels[order]
-    folder.mkdir(parents=True, exist_ok=True)
-    x, y = splits["train"]
-    mean = official.nhwc_to_planar(x).mean(axis=0)
-    for i, (a, b) in enumerate(official.batch_bounds(len(y))):
-        official.write_batch(folder / f"train_data_batch_{i + 1}", official.nhwc_to_planar(x[a:b]), y[a:b], mean,
-                             "pickle")
-    x, y = splits["val"]
-    official.write_batch(folder / "val_data", official.nhwc_to_planar(x), y, None, "pickle")
+    root.mkdir(parents=True, exist_ok=True)
+
+    def images(label: int, n: int) -> list[bytes]:
+        out = []
+        for i in range(n):
+            w, h = (int(v) for v in rng.integers(40, 161, 2))
+            big = class_images(label, 1, max(w, h), rng)[0][:h, :w]
+            out.append(_jpeg(big, "CMYK" if i % 7 == 3 else "L" if i % 5 == 2 else "RGB"))
+        return out
+
+    class_tars = {}
+    for k in range(1, c.classes + 1):
+        wnid = IMAGENET.wnid(k)
+        files = images(k, c.train_per_class)
+        class_tars[f"{wnid}.tar"] = _tar({f"{wnid}_{i + 1}.JPEG": d for i, d in enumerate(files)})
+    paths = {"train": root / "ILSVRC2012_img_train.tar", "val": root / "ILSVRC2012_img_val.tar",
+             "devkit": root / "ILSVRC2012_devkit_t12.tar.gz"}
+    paths["train"].write_bytes(_tar(class_tars))
+    val_labels = rng.permutation(np.repeat(np.arange(1, c.classes + 1), c.val_per_class))
+    val = {}
+    for i, label in enumerate(val_labels):
+        val[f"ILSVRC2012_val_{i + 1:08d}.JPEG"] = images(int(label), 1)[0]
+    paths["val"].write_bytes(_tar(val))
+    truth = val_ground_truth().astype(np.int64)
+    truth[: len(val_labels)] = val_labels
+    synsets = np.array([(k + 1, w, IMAGENET.names[k], 0) for k, w in enumerate(IMAGENET.wnids)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    mat = io.BytesIO()
+    scipy.io.savemat(mat, {"synsets": synsets})
+    paths["devkit"].write_bytes(_tar({
+        "ILSVRC2012_devkit_t12/data/meta.mat": mat.getvalue(),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(f"{x}\n" for x in truth).encode(),
+    }, "gz"))
+    return paths
 
 
 def demo(c: DemoConfig = DemoConfig()) -> dict:
     """Run the demo; raises RuntimeError if the trained network is not far above chance."""
-    from dsimagenet.convert import convert, describe
+    from dsimagenet.build import BuildConfig, build
+    from dsimagenet.convert import describe
     from dsimagenet.train import TrainConfig, train
 
     out = Path(c.out)
@@ -79,15 +124,18 @@ def demo(c: DemoConfig = DemoConfig()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     t0 = time.perf_counter()
-    official_dir, native_dir, run = out / "official", out / "native", out / "runs" / "wrn-20-1"
-    print(f"[1/3] writing a {c.classes}-class {c.size}x{c.size} example in the official pickle format: "
-          f"{official_dir}")
-    write_example(official_dir, c)
-    print(f"[2/3] converting it to the native format (safe unpickling, checksums): {native_dir}")
-    convert(official_dir, native_dir, ["native"])
-    info = describe(native_dir, check=True)
-    print(f"      {info['splits']['train']:,} train / {info['splits']['val']:,} val images, "
-          f"{info['image_size']} px, checksums {info['checksums']}")
+    release, built, run = out / "release", out / "built", out / "runs" / "wrn-20-1"
+    print(f"[1/3] writing a {c.classes}-class synthetic ILSVRC-2012 release (train tar of class tars, val tar, "
+          f"devkit): {release}")
+    paths = write_release(release, c)
+    print(f"[2/3] building it at 16 and 32 px with box and nearest, as real ImageNet: {built}")
+    build(BuildConfig(out=str(built), train=str(paths["train"]), val=str(paths["val"]), devkit=str(paths["devkit"]),
+                      sizes=(16, 32), methods=("box", "nearest"), allow_partial=True, quiet=True))
+    info = describe(built / "16_box", check=True)
+    print(f"      {info['splits']['train']:,} train / {info['splits']['val']:,} val images in each of "
+          f"{', '.join(sorted(p.name for p in built.iterdir() if p.is_dir() and not p.name.startswith('.')))}; "
+          f"checksums {info['checksums']}")
+    native_dir = built / "16_box"
     tc = TrainConfig(data=str(native_dir), out=str(run), depth=20, width=1, epochs=c.epochs, lr=0.05,
                      milestones=(c.epochs // 2,), seed=c.seed, log_every=10**9, classes=c.classes)
     print(f"[3/3] training WRN-20-1 with the paper's recipe, shortened: {tc.epochs} epochs, lr {tc.lr} x{tc.gamma} "
@@ -97,8 +145,8 @@ def demo(c: DemoConfig = DemoConfig()) -> dict:
     chance = 100 * (1 - 1 / c.classes)
     print(f"done in {time.perf_counter() - t0:.0f} s: top-1 error {result['top1_error']:.1f}% "
           f"(chance {chance:.0f}%), top-5 error {result['top5_error']:.1f}%")
-    print(f"look at: {run}/metrics.jsonl, {run}/result.json, {run}/per_class.csv; open the data with "
-          f"dsimagenet.open_dataset('{native_dir}')")
+    print(f"look at: {run}/metrics.jsonl, {run}/result.json, {run}/per_class.csv, {native_dir}/manifest.json; "
+          f"open the data with dsimagenet.open_dataset('{native_dir}')")
     if 100 - result["top1_error"] < 3 * (100 - chance):
         raise RuntimeError(f"the demo network reached only {100 - result['top1_error']:.1f}% top-1 accuracy, "
                            f"less than 3x chance ({3 * (100 - chance):.0f}%): something is broken")

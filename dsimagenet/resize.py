@@ -5,8 +5,8 @@
     (32, 32, 3)
 
 The exact path (the default) is the paper's: ``Image.open(f).convert("RGB").resize((S, S), method)`` on the
-whole image, byte for byte with the installed Pillow. ``fast`` lets libjpeg decode at a reduced scale
-(``Image.draft``) when the image is much larger than the largest output, and resizes with ``reducing_gap``:
+whole image, byte for byte with the installed Pillow. ``fast`` lets libjpeg decode JPEGs at 1/2, 1/4 or 1/8
+scale (``Image.draft``) while both sides stay at least twice the largest output, then resizes as the exact path:
 close to, but not the same as, the exact pixels (BENCHMARKS.md gives the difference per method).
 """
 
@@ -99,9 +99,5 @@ def resize_all(data: bytes, r: Resize) -> tuple[dict[tuple[int, str], np.ndarray
         img = img.crop((left, top, left + s, top + s))
     out = {}
     for size, method in r.combos:
-        if r.fast:
-            res = img.resize((size, size), METHODS[method], reducing_gap=3.0)
-        else:
-            res = img.resize((size, size), METHODS[method])
-        out[(size, method)] = np.asarray(res, dtype=np.uint8)
+        out[(size, method)] = np.asarray(img.resize((size, size), METHODS[method]), dtype=np.uint8)
     return out, note

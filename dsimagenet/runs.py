@@ -24,15 +24,19 @@ CONFIG, METRICS, RESULT, PER_CLASS, CHECKPOINT = "config.json", "metrics.jsonl",
     "checkpoint.pt"
 
 
-def versions() -> dict:
+def versions(with_torch: bool = True) -> dict:
     import numpy
     import PIL
-    import torch
 
     from dsimagenet import __version__
 
-    return {"dsimagenet": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "pillow": PIL.__version__, "cuda": torch.version.cuda}
+    out = {"dsimagenet": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+           "pillow": PIL.__version__}
+    if with_torch:  # importing torch takes seconds: the builder does without
+        import torch
+
+        out.update(torch=torch.__version__, cuda=torch.version.cuda)
+    return out
 
 
 def git_commit() -> str | None:

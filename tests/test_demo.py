@@ -1,21 +1,25 @@
 """The demo, shortened: every step runs, and the above-chance check fails loudly when it should."""
 
-import pickle
-
 import pytest
 
 import dsimagenet.train
-from dsimagenet.demo import DemoConfig, demo, write_example
+from dsimagenet.demo import DemoConfig, demo, write_release
 
 SMALL = dict(train_per_class=30, val_per_class=10, epochs=3)
 
 
-def test_example_is_in_the_official_format(tmp_path):
-    write_example(tmp_path, DemoConfig(**SMALL))
-    with open(tmp_path / "train_data_batch_10", "rb") as f:
-        d = pickle.load(f, encoding="latin1")  # as users load the official files
-    assert d["data"].shape == (300 - 9 * 30, 3 * 16 * 16) and d["mean"].shape == (768,)
-    assert set(d["labels"]) <= set(range(1, 11))
+def test_release_is_in_the_real_layout(tmp_path):
+    import tarfile
+
+    paths = write_release(tmp_path, DemoConfig(**SMALL))
+    with tarfile.open(paths["train"]) as t:
+        assert t.getnames()[:2] == ["n02119789.tar", "n02100735.tar"] and len(t.getnames()) == 10
+    with tarfile.open(paths["val"]) as t:
+        assert t.getnames()[0] == "ILSVRC2012_val_00000001.JPEG" and len(t.getnames()) == 100
+    from dsimagenet.sources.imagenet import parse_devkit
+
+    truth = parse_devkit(paths["devkit"])
+    assert len(truth) == 50_000 and set(truth[:100].tolist()) == set(range(1, 11))
 
 
 def test_short_demo_learns(tmp_path, capsys):
