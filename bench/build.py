@@ -18,7 +18,6 @@ default: all cores) and is timed end to end, median of ``--runs`` interleaved ru
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import pickle
 import shutil

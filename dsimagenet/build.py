@@ -94,10 +94,20 @@ _fds: dict[str, int] = {}
 
 
 def _init_worker(max_pixels: int | None) -> None:
+    import threading
+
     from PIL import Image
 
     if max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a killed build must not leave workers waiting on its queue forever
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
 def _work_fd(path: str) -> int:
@@ -239,7 +249,7 @@ def build(c: BuildConfig) -> dict:
         if count_msgs and not c.allow_partial:
             raise BuildError("incomplete ILSVRC-2012: " + "; ".join(count_msgs) + " (--allow-partial builds it "
                              "anyway)")
-        for m in count_msgs:
+        for m in count_msgs if not c.quiet else []:
             print(f"warning: {m}", file=sys.stderr)
         empty = [s for s, lst in splits.items() if not lst.records]
         if empty:
@@ -252,8 +262,11 @@ def build(c: BuildConfig) -> dict:
                 raise BuildError(f"{out}: the disk is full; the unfinished build was removed") from None
             raise
     if not c.quiet:
-        n = sum(len(lst.records) for lst in splits.values())
-        print(f"built {', '.join(result)} in {out}: {n:,} images in {time.perf_counter() - t0:.0f} s")
+        m = next(iter(result.values()))
+        counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items())
+        print(f"built {', '.join(result)} in {out}: {counts} images; {len(m['converted'])} converted, "
+              f"{len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
+              f"{time.perf_counter() - t0:.0f} s")
     return result
 
 
@@ -273,18 +286,6 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
     for split, lst in splits.items():
         n = len(lst.records)
         order[split] = (np.random.default_rng(c.seed).permutation(n) if split == "train" else np.arange(n))
-    arrays = {}
-    for split, lst in splits.items():
-        for size, method in r.combos:
-            path = work / f"{split}_{size}_{method}.npy"
-            if not path.exists():
-                with open(path, "wb") as f:
-                    f.write(native._npy_header((len(lst.records), size, size, 3), np.uint8))
-                    f.truncate(native._HEADER_BYTES + len(lst.records) * 3 * size * size)
-            arrays[(split, size, method)] = str(path)
-    if not plan_path.exists():
-        with atomic_write(plan_path, "w") as f:
-            json.dump({"digest": digest}, f)
     done = {}
     if journal_path.exists():
         for line in journal_path.read_text().splitlines():
@@ -293,6 +294,19 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
             except json.JSONDecodeError:
                 break  # a line cut by the kill: that chunk is done again
             done[(entry["split"], entry["chunk"])] = entry
+    arrays = {}
+    for split, lst in splits.items():
+        for size, method in r.combos:
+            path = work / f"{split}_{size}_{method}.npy"
+            if not path.exists():  # new, or lost: every chunk of this split is (re)done
+                done = {k: v for k, v in done.items() if k[0] != split}
+                with open(path, "wb") as f:
+                    f.write(native._npy_header((len(lst.records), size, size, 3), np.uint8))
+                    f.truncate(native._HEADER_BYTES + len(lst.records) * 3 * size * size)
+            arrays[(split, size, method)] = str(path)
+    if not plan_path.exists():
+        with atomic_write(plan_path, "w") as f:
+            json.dump({"digest": digest}, f)
     workers = c.workers or os.cpu_count() or 1
     total = sum(len(lst.records) for lst in splits.values())
     rows_per_chunk = _chunk_rows(c, total, workers)
@@ -347,25 +361,23 @@ def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict
             raise BuildError("a worker process died (killed, or out of memory); run the same command again to "
                              "resume") from None
         except BaseException:
-            for f in pending:
-                f.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # the chunks in flight finish; no worker outlives us
             raise
         finally:
             bar.close()
 
 
 def _compact(path: str, bad: set[int], size: int) -> str:
-    """A copy of the work array without the rows of skipped images."""
+    """A copy of the work array without the rows of skipped images (the work array itself stays as it is, so
+    that a build interrupted from here on resumes from the journal)."""
     arr = np.load(path, mmap_mode="r")
     keep = np.setdiff1d(np.arange(len(arr)), np.fromiter(bad, np.int64))
-    dst = path + ".kept"
+    dst = path + ".kept.npy"
     w = native.NpyWriter(dst, (size, size, 3), np.uint8, len(keep))
     for a in range(0, len(keep), 4096):
         w.append(np.asarray(arr[keep[a:a + 4096]]))
     w.close()
-    os.replace(dst, path)
-    return path
+    return dst
 
 
 def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, arrays: dict, done: dict,

@@ -224,13 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dsimagenet.build import BuildError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except BrokenPipeError:  # `dsimagenet classes | head` closes the pipe early; that is not an error
         sys.stderr.close()
         return 0
-    except (OSError, ValueError, KeyError) as e:  # bad input: one clear line naming the file, exit 1
+    except (OSError, ValueError, KeyError, BuildError) as e:  # bad input: one line naming the file, exit 1
         print(f"dsimagenet {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -322,4 +322,45 @@ def test_disk_full_fails_cleanly(rel, tmp_path):
         assert not (mnt / "o" / ".build").exists()
         assert not list((mnt / "o").glob("*/manifest.json"))
     finally:
-        subprocess.run(["umount", str(mnt)])
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_interrupted_while_finishing_resumes_identically(rel, tmp_path, monkeypatch):
+    common = dict(train=str(rel.train_tar), sizes=(8, 16), formats=("native", "pickle"), **QUIET)
+    build(BuildConfig(out=str(tmp_path / "whole"), **common))
+    module = sys.modules["dsimagenet.convert"]  # dsimagenet.convert is also the re-exported function
+    real, calls = module.convert, []
+
+    def dies_second_time(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would, after the first combination was finished
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "convert", dies_second_time)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(out=str(tmp_path / "cut"), **common))
+    monkeypatch.setattr(module, "convert", real)
+    build(BuildConfig(out=str(tmp_path / "cut"), **common))
+    for combo in ("8_box", "16_box"):
+        a, b = files_of(tmp_path / "whole" / combo), files_of(tmp_path / "cut" / combo)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json"), combo
+
+
+def test_a_dying_worker_fails_the_build_quickly(rel, tmp_path):
+    p = subprocess.Popen(_cli(rel, tmp_path / "o", "--workers", "2"), stderr=subprocess.PIPE, text=True)
+    deadline, victim = time.time() + 30, None
+    while victim is None and time.time() < deadline and p.poll() is None:
+        for child in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split():
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                victim = int(child)
+                break
+        time.sleep(0.01)
+    if victim is None:
+        p.kill()
+        pytest.skip("the build finished before a worker could be killed")
+    os.kill(victim, signal.SIGKILL)
+    t = time.time()
+    _, err = p.communicate(timeout=30)
+    assert p.returncode != 0 and "worker process died" in err and time.time() - t < 15

@@ -35,3 +35,10 @@ def test_bad_order_exits_nonzero():
     r = subprocess.run([sys.executable, "-m", "dsimagenet", "classes", "--order", "x"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_build_errors_are_one_line_and_exit_1(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dsimagenet", "build", "--train", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("dsimagenet build: error: --train") and "expected ILSVRC2012_img_train.tar" in r.stderr

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +158,22 @@ class SplitWriter:
         self.labels.abort()
 
 
+def place(src: Path, dst: Path) -> None:
+    """Give the finished file ``src`` a second name ``dst`` (a hard link: no copy, and ``src`` stays for a
+    build that is interrupted and resumed); a copy where the file system has no hard links."""
+    tmp = temp_path(dst)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
 class AdoptedSplit:
-    """A split whose images.npy was written elsewhere (the builder's work array): moved into place on close,
+    """A split whose images.npy was written elsewhere (the builder's work array): linked into place on close,
     with its checksum and pixel sums read back in chunks."""
 
     def __init__(self, root: Path, split: str, images_path: str | Path, labels: np.ndarray, label_dtype):
@@ -182,8 +197,7 @@ class AdoptedSplit:
                 h.update(chunk.data)
                 self.pixel_sum += chunk.reshape(n, *arr.shape[1:]).sum(axis=0, dtype=np.float64)
         del arr
-        os.replace(self.src, dst)
-        fsync_dir(dst.parent)
+        place(self.src, dst)
         labels = NpyWriter(self.root / self.split / "labels.npy", (), self.label_dtype, len(self.labels))
         labels.append(self.labels)
         return {"count": len(self.labels), "sha256": {"images.npy": h.hexdigest(), "labels.npy": labels.close()}}
