@@ -18,6 +18,7 @@ default: all cores) and is timed end to end, median of ``--runs`` interleaved ru
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
 import shutil
@@ -131,6 +132,37 @@ def fidelity(files: list[Path]) -> None:
         print(f"  {m:<9}  {sa / n:11.3f}  {mx:10d}  {psnr:9.2f}  {100 * same / n:15.1f}%")
 
 
+def kernel(files: list[Path], runs: int) -> None:
+    """Per-image cost in one process, no start-up: what a full-size build converges to."""
+    from dsimagenet.resize import Resize, resize_all
+
+    datas = [f.read_bytes() for f in files]
+
+    def per_image(fn) -> float:
+        t = time.perf_counter()
+        for d in datas:
+            fn(d)
+        return (time.perf_counter() - t) / len(datas) * 1e3
+
+    def decode(d: bytes) -> None:
+        with Image.open(io.BytesIO(d)) as im:
+            im.load()
+
+    cases = {"decode only": decode,
+             "exact, 16/32/64": lambda d: resize_all(d, Resize(SIZES, ("box",))),
+             "fast, 16/32/64": lambda d: resize_all(d, Resize(SIZES, ("box",), fast=True)),
+             "exact, 32 only": lambda d: resize_all(d, Resize((32,), ("box",)))}
+    ms = {k: [] for k in cases}
+    for _ in range(runs):
+        for k, fn in cases.items():
+            ms[k].append(per_image(fn))
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    print(f"kernel  one process, {len(datas)} sample JPEGs, median of {runs} (ms per image; no start-up costs):")
+    for k, v in med.items():
+        print(f"  {k:<18} {v:6.2f} ms   {100 * med['decode only'] / v:5.0f}% of the decode floor")
+    print(f"  fast / exact: {med['exact, 16/32/64'] / med['fast, 16/32/64']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sample", type=Path, default=ROOT.parent / "shared" / "imagenet-sample")
@@ -171,6 +203,7 @@ def main() -> None:
         shutil.rmtree(tmp / "o1", ignore_errors=True)
         gib = peak_memory(tmp / "src", tmp / "o1", args.workers)
         print(f"  peak RSS of the largest build process (pickle+native): {gib:.2f} GiB")
+        kernel(sorted(args.sample.glob("*.JPEG")), args.runs)
         fidelity(sorted(args.sample.glob("*.JPEG")))
 
 

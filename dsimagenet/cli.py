@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_build)
 
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
-                       description="Write a small learnable dataset in the official format, convert and check it, "
-                                   "train WRN-20-1 on it and check that it is far above chance.")
+                       description="Write a small synthetic ILSVRC-2012 release in the real layout, build it at "
+                                   "16 and 32 px with box and nearest, train WRN-20-1 on it and check that it is "
+                                   "far above chance.")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=_demo)

@@ -100,32 +100,24 @@ class NpyWriter:
             os.unlink(self.tmp)
 
 
-def _hash_data(f, nbytes: int) -> str:
+def _hash_data(f, nbytes: int, offset: int = _HEADER_BYTES) -> str:
+    """sha256 of ``nbytes`` of ``f`` from ``offset``, read in chunks."""
     h = hashlib.sha256()
-    f.seek(_HEADER_BYTES)
+    f.seek(offset)
     while nbytes > 0:
         chunk = f.read(min(_HASH_CHUNK, nbytes))
         if not chunk:
-            raise ValueError(f"{getattr(f, 'name', 'array')}: shorter than its header says")
+            raise NativeFormatError(f"{getattr(f, 'name', 'array')}: shorter than its header says")
         h.update(chunk)
         nbytes -= len(chunk)
     return h.hexdigest()
 
 
 def array_sha256(path: str | Path) -> str:
-    """sha256 of an .npy file's data bytes (what meta.json records), read in chunks."""
+    """sha256 of an .npy file's data bytes (what meta.json records)."""
     arr = np.load(path, mmap_mode="r")
     with open(path, "rb") as f:
-        h = hashlib.sha256()
-        f.seek(arr.offset)
-        nbytes = arr.nbytes
-        while nbytes > 0:
-            chunk = f.read(min(_HASH_CHUNK, nbytes))
-            if not chunk:
-                raise NativeFormatError(f"{path}: shorter than its header says")
-            h.update(chunk)
-            nbytes -= len(chunk)
-    return h.hexdigest()
+        return _hash_data(f, arr.nbytes, arr.offset)
 
 
 class SplitWriter:
