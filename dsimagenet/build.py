@@ -274,13 +274,18 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
     work = out / WORK
     digest = _plan_digest(c, splits)
     plan_path, journal_path = work / "plan.json", work / "done.jsonl"
+    workers = c.workers or os.cpu_count() or 1
+    total = sum(len(lst.records) for lst in splits.values())
     if plan_path.exists():
-        if json.loads(plan_path.read_text()).get("digest") != digest:
+        plan = json.loads(plan_path.read_text())
+        if plan.get("digest") != digest:
             raise BuildError(f"{out}: holds an unfinished build with other settings or inputs; run the same "
                              f"command again to finish it, or remove {work} to start over")
+        rows_per_chunk = plan["rows_per_chunk"]  # the journal's chunk numbers mean these bounds
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        rows_per_chunk = _chunk_rows(c, total, workers)
     r = c.resize
     order = {}
     for split, lst in splits.items():
@@ -306,10 +311,7 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
             arrays[(split, size, method)] = str(path)
     if not plan_path.exists():
         with atomic_write(plan_path, "w") as f:
-            json.dump({"digest": digest}, f)
-    workers = c.workers or os.cpu_count() or 1
-    total = sum(len(lst.records) for lst in splits.values())
-    rows_per_chunk = _chunk_rows(c, total, workers)
+            json.dump({"digest": digest, "rows_per_chunk": rows_per_chunk}, f)
     tasks = []
     for split, lst in splits.items():
         n = len(lst.records)
