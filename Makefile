@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.dsimagenet-setup
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test reliability demo bench lint clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -m reliability tests/test_reliability.py
 
 demo: $(STAMP)
 	$(BIN)/dsimagenet demo --out demo-out

@@ -231,7 +231,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                                   "another --out")
         _check_resume(run, c, fingerprint)
         if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+            try:  # weights_only: tensors and plain values only, never code from the file
+                state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
+                raise ValueError(f"{ckpt_path}: unreadable checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}); remove it to restart the run") from None
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng_cpu"])
