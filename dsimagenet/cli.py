@@ -92,27 +92,28 @@ CHOICES = {"schedule": ["step", "cosine", "sgdr"], "augment": ["paper", "flip", 
            "compile_mode": ["default", "reduce-overhead", "max-autotune"], "aspect": ["squash", "center-crop"]}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), typed from its annotation."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), only_given: bool = False) -> None:
+    """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), typed from its annotation.
+    ``only_given``: flags not on the command line stay out of the namespace (a sweep's base)."""
     import dataclasses
-    import types
     import typing
 
-    hints = typing.get_type_hints(cls)
+    from dsimagenet.recipe import field_types
+
+    types_ = field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
+        base = types_[f.name]
         kwargs: dict = {"help": TRAIN_HELP.get(flag[2:], "")}
-        if f.default is dataclasses.MISSING:
+        if only_given:
+            kwargs["default"] = argparse.SUPPRESS
+        elif f.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
             kwargs["help"] += f" (default: {f.default})" if kwargs["help"] else f"default: {f.default}"
-        base = hint
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:  # X | None -> X
-            base = next(a for a in typing.get_args(hint) if a is not type(None))
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
@@ -148,6 +149,23 @@ def _build(args: argparse.Namespace) -> int:
     from dsimagenet.build import BuildConfig, build
 
     build(config_from_args(BuildConfig, args))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dsimagenet.recipe import TrainConfig
+    from dsimagenet.sweep import SweepConfig, load_spec, parse_grid, sweep
+
+    grid, base = load_spec(args.spec) if args.spec else ({}, {})
+    if args.grid:
+        grid.update(parse_grid(args.grid))
+    base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name != "out" and hasattr(args, f.name)})  # --out is the sweep's folder
+    outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of))
+    done = sum(1 for v in outcome.values() if v != "running elsewhere")
+    print(f"{args.out}: {done} of {len(outcome)} runs finished here or before; results in {args.out}/results.csv")
     return 0
 
 
@@ -213,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the native one. Resumable: run the same command again after an interruption.")
     add_config_arguments(p, BuildConfig)
     p.set_defaults(func=_build)
+
+    p = sub.add_parser("sweep", help="run a grid of training runs",
+                       description="Run every combination of --grid (and/or a YAML spec with 'grid' and 'base'), "
+                                   "with the train flags given here as the base; one run directory each under --out. "
+                                   "Finished runs are skipped, interrupted ones resumed; a run is never run twice.")
+    p.add_argument("spec", nargs="?", help="YAML file: grid: {name: [values]}, base: {train flags}")
+    p.add_argument("--grid", help='e.g. "method=box,nearest lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
+    p.add_argument("--out", required=True, help="the sweep directory")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
+    p.add_argument("--index", type=int, default=0, help="this worker's index in a job array (0-based)")
+    p.add_argument("--of", type=int, default=1, help="the number of workers in the job array")
+    add_config_arguments(p, TrainConfig, skip=("out",), only_given=True)
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
                        description="Write a small synthetic ILSVRC-2012 release in the real layout, build it at "

@@ -6,7 +6,10 @@ runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
 
 SCHEDULES = ("step", "cosine", "sgdr")
@@ -73,3 +76,14 @@ def learning_rate(c: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -
     while t >= start + period:
         start, period = start + period, period * c.sgdr_mult
     return c.lr * 0.5 * (1 + math.cos(math.pi * (t - start) / period))
+
+
+def field_types(cls) -> dict[str, type]:
+    """The type of each field of a config dataclass, ``X | None`` unwrapped to ``X`` (``tuple[int, ...]`` kept):
+    what a command-line flag or a sweep value is parsed as."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out[name] = hint
+    return {f.name: out[f.name] for f in dataclasses.fields(cls)}

@@ -252,7 +252,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         runs.write_json(run / runs.CONFIG, {"config": dataclasses.asdict(c), "versions": runs.versions(),
                                             "git_commit": runs.git_commit(), "dataset_fingerprint": fingerprint,
                                             "world_size": d.world, "device": str(dev), "params": params,
-                                            "depth": depth, "image_size": size, "num_classes": num_classes})
+                                            "depth": depth, "image_size": size, "num_classes": num_classes,
+                                            "method": native.read_meta(c.data).get("method")
+                                            if native.is_native(c.data) else None})
         (run / runs.METRICS).touch()
 
     def checkpoint(epoch: int, step: int) -> None:
