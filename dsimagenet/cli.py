@@ -169,6 +169,14 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dsimagenet.report import report
+
+    written = report(args.runs, args.out)
+    print(f"{args.out}: " + ", ".join(sorted(written)) + f"; open {written['index.html']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsimagenet.demo import DemoConfig, demo
 
@@ -244,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--of", type=int, default=1, help="the number of workers in the job array")
     add_config_arguments(p, TrainConfig, skip=("out",), only_given=True)
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="the paper's tables and figures from runs, and an HTML page",
+                       description="Table 1 (Markdown, CSV, LaTeX) beside the paper's, learning-rate rank "
+                                   "correlations, Figs. 1-7 as the runs allow, and a self-contained index.html.")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding them")
+    p.add_argument("--out", required=True, help="report folder")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
                        description="Write a small synthetic ILSVRC-2012 release in the real layout, build it at "
