@@ -67,8 +67,9 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def truncate_metrics(run: Path, epochs_done: int) -> None:
-    """After a resume from epoch ``epochs_done``: drop lines of epochs that will be run again."""
-    lines = [m for m in read_metrics(run) if m["epoch"] < epochs_done]
+    """On a resume after ``epochs_done`` complete epochs: drop the lines of epochs that will be run again
+    (lines count epochs from 1, so epoch ``epochs_done`` itself is kept)."""
+    lines = [m for m in read_metrics(run) if m["epoch"] <= epochs_done]
     with atomic_write(run / METRICS, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in lines)
 

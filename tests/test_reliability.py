@@ -275,6 +275,12 @@ def test_training_survives_10_random_kills(tmp_path):
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def lines(run):
+        return [{k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_s" not in k}
+                for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines(tmp_path / "whole") == lines(out)  # every epoch once, with the same numbers
     (tmp_path.parent / "train_kills.json").write_text(json.dumps({"kills": 10, "landed": landed}))
     assert landed >= 5
 

@@ -152,3 +152,20 @@ def test_ddp_two_gloo_processes_match_one_process(learnable, tmp_path):
     rb = json.loads((tmp_path / "two" / "result.json").read_text())
     assert rb["world_size"] == 2 and abs(ra["top1_error"] - rb["top1_error"]) < 1e-6
     assert np.isclose(ra["top5_error"], rb["top5_error"])
+
+
+def test_resume_at_an_epoch_boundary_keeps_every_epoch_once(learnable, tmp_path):
+    c = TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=3, **FAST)
+    whole = TrainConfig(**{**c.__dict__, "out": str(tmp_path / "whole")})
+    train(whole)
+    # as if killed right after the checkpoint that ends epoch 2: run 2 epochs, then resume the 3-epoch run
+    train(TrainConfig(**{**c.__dict__, "epochs": 2}))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["config"]["epochs"] = 3
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "run" / "result.json").unlink()
+    train(c, resume=True)
+    strip = lambda m: {k: v for k, v in m.items() if "seconds" not in k and "per_s" not in k}  # noqa: E731
+    lines = lambda r: [strip(json.loads(x)) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [m["epoch"] for m in lines(tmp_path / "run")] == [1, 2, 3]
+    assert lines(tmp_path / "run") == lines(tmp_path / "whole")
