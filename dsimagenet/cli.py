@@ -54,7 +54,6 @@ TRAIN_HELP = {
     "val": "ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root",
     "folder": "any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>",
     "devkit": "ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv (default: bundled val labels)",
-    "sizes": "output sizes S (S x S)",
     "methods": "box (the paper), lanczos, bilinear, bicubic, hamming, nearest",
     "formats": "pickle (official), npz, native",
     "aspect": "squash (the paper) or center-crop",
@@ -84,6 +83,12 @@ TRAIN_HELP = {
     "checkpoint-minutes": "also checkpoint inside an epoch every this many minutes",
     "checkpoint-every-steps": "also checkpoint every N steps",
     "report-epoch": "the epoch whose errors result.json also reports (the paper's 31)",
+    "trials": "finished trials the study should hold (all workers together)",
+    "min-epochs": "Hyperband's smallest budget in epochs",
+    "max-epochs": "epochs of a full trial",
+    "sizes": "output sizes S (S x S); for tune: resolutions to search (--data needs {size})",
+    "storage": "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:PATH",
+    "widths": "widths k to choose from",
 }
 
 
@@ -177,6 +182,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+TUNE_OWN = ("out", "data", "epochs", "lr", "width", "weight_decay", "seed")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dsimagenet.recipe import TrainConfig
+    from dsimagenet.tune import TuneConfig, tune
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig) if f.name != "base"}
+    for k in ("lr", "weight_decay"):
+        if len(values[k]) != 2:
+            raise ValueError(f"--{k.replace('_', '-')} takes two numbers, the low and high end")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name not in TUNE_OWN and hasattr(args, f.name)}
+    s = tune(TuneConfig(**values, base=base))
+    best = s["best"]
+    print(f"{args.out}: {s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned); best: "
+          + (f"trial {best['number']}, top-1 error {best['top1_error']:.2f}%, {best['params']}" if best else "none")
+          + f"; storage {s['storage']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsimagenet.demo import DemoConfig, demo
 
@@ -259,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=_report)
+
+    from dsimagenet.tune import TuneConfig
+
+    p = sub.add_parser("tune", help="multi-fidelity hyperparameter search (Optuna, Hyperband over epochs)",
+                       description="Search learning rate, width, weight decay and (with --sizes) resolution with "
+                                   "Optuna's TPE sampler and Hyperband pruner, epochs as the fidelity. The study "
+                                   "lives in --storage (default OUT/study.db): rerun to continue it; point workers "
+                                   "on other machines at the same storage to share it.")
+    add_config_arguments(p, TuneConfig, skip=("base",))
+    add_config_arguments(p, TrainConfig, skip=TUNE_OWN, only_given=True)
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
                        description="Write a small synthetic ILSVRC-2012 release in the real layout, build it at "

@@ -177,8 +177,11 @@ def _check_resume(run: Path, config: TrainConfig, fingerprint: str) -> None:
                          ", ".join(f"{k} was {old['config'].get(k)!r}, now {new.get(k)!r}" for k in diff))
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Run the recipe; returns the result dict (also written to ``config.out``/result.json)."""
+def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
+    """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
+
+    ``on_epoch(line)`` is called with each epoch's metrics line after it is written (and its checkpoint saved);
+    an exception it raises stops the run there (``dsimagenet tune`` prunes trials so)."""
     c = config
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     d = _setup_distributed(device)
@@ -320,6 +323,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                       f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s", flush=True)
         checkpoint(epoch + 1, 0)
         last_ckpt = time.monotonic()
+        if on_epoch is not None and d.main:
+            on_epoch(line)
 
     # --- result
     metrics = runs.read_metrics(run) if d.main else []
