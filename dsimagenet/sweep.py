@@ -38,6 +38,7 @@ class SweepConfig:
     jobs: int = 1
     index: int = 0
     of: int = 1
+    quiet: bool = False  # no line per run
 
     def __post_init__(self):
         known = {f.name for f in dataclasses.fields(TrainConfig)} | set(DATA_KEYS)
@@ -153,14 +154,16 @@ def sweep(s: SweepConfig) -> dict[str, str]:
     if s.jobs == 1:
         for name, config in mine:
             outcome[name] = _run_one(name, config, lock_dir, threads)
-            print(f"{name}: {outcome[name]}", flush=True)
+            if not s.quiet:
+                print(f"{name}: {outcome[name]}", flush=True)
     else:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(s.jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_run_one, name, config, lock_dir, threads): name for name, config in mine}
             for f in cf.as_completed(futures):
                 outcome[futures[f]] = f.result()
-                print(f"{futures[f]}: {outcome[futures[f]]}", flush=True)
+                if not s.quiet:
+                    print(f"{futures[f]}: {outcome[futures[f]]}", flush=True)
     write_results_csv(s.out, list(s.grid))
     return outcome
 

@@ -1,11 +1,13 @@
 """The demo, shortened: every step runs, and the above-chance check fails loudly when it should."""
 
+import dataclasses
+
 import pytest
 
 import dsimagenet.train
 from dsimagenet.demo import DemoConfig, demo, write_release
 
-SMALL = dict(train_per_class=30, val_per_class=10, epochs=3)
+SMALL = dict(classes=10, train_per_class=80, val_per_class=10, epochs=4, lrs=(0.05, 0.2), methods=("box",))
 
 
 def test_release_is_in_the_real_layout(tmp_path):
@@ -26,13 +28,20 @@ def test_short_demo_learns(tmp_path, capsys):
     result = demo(DemoConfig(out=str(tmp_path / "d"), **SMALL))
     assert result["top1_error"] < 70  # chance is 90%
     out = capsys.readouterr().out
-    assert "[3/3]" in out and "checksums ok" in out
+    assert "[4/4]" in out and "checksums ok" in out
+    assert (tmp_path / "d" / "report" / "index.html").exists()
+    assert len(list((tmp_path / "d" / "runs").glob("*/result.json"))) == 2
 
 
 def test_demo_fails_loudly_at_chance(tmp_path, monkeypatch):
-    monkeypatch.setattr(dsimagenet.train, "train", lambda *a, **k: {"top1_error": 85.0, "top5_error": 50.0})
+    real = dsimagenet.train.train
+
+    def barely_learns(config, *a, **k):  # a real run whose network stays near chance: lr far too small
+        return real(dataclasses.replace(config, lr=1e-7), *a, **k)
+
+    monkeypatch.setattr(dsimagenet.train, "train", barely_learns)
     with pytest.raises(RuntimeError, match="less than 3x chance"):
-        demo(DemoConfig(out=str(tmp_path / "d"), **SMALL))
+        demo(DemoConfig(out=str(tmp_path / "d"), **{**SMALL, "lrs": (0.1,)}))
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

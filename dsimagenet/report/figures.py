@@ -85,7 +85,16 @@ def fig2_methods_lr(rows: list[RunRow], out: Path) -> Path | None:
     return _save(fig, out / "fig2_methods_lr.png")
 
 
+def one_method(rows: list[RunRow]) -> tuple[list[RunRow], str]:
+    """The rows of the paper's box filter if any, else of the most common method: Figs. 3 and 4 compare sizes,
+    widths and learning rates, not methods (Fig. 2 does that)."""
+    methods = [r.method for r in rows]
+    m = "box" if "box" in methods else max(set(methods), key=methods.count)
+    return [r for r in rows if r.method == m], m
+
+
 def fig3_lr(rows: list[RunRow], out: Path) -> Path | None:
+    rows, method = one_method(rows)
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[(r.size, r.width)][r.lr].append(_err(r))
@@ -96,12 +105,14 @@ def fig3_lr(rows: list[RunRow], out: Path) -> Path | None:
     for (size, width), d in sorted(by.items()):
         lrs = sorted(d)
         ax.plot(lrs, [statistics.fmean(d[x]) for x in lrs], "o-", label=f"{size} px, k={width:g}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="top-1 error (%)", title="Fig. 3: error vs learning rate")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="top-1 error (%)",
+           title=f"Fig. 3: error vs learning rate ({method})")
     ax.legend(fontsize=7)
     return _save(fig, out / "fig3_lr.png")
 
 
 def fig4_heatmaps(rows: list[RunRow], out: Path) -> Path | None:
+    rows, method = one_method(rows)
     sizes = sorted({r.size for r in rows})
     cells = defaultdict(list)
     for r in rows:
@@ -128,7 +139,7 @@ def fig4_heatmaps(rows: list[RunRow], out: Path) -> Path | None:
                 ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.1f}", ha="center", va="center",
                         fontsize=7, color="w" if dark else "k")
         fig.colorbar(im, ax=ax, label="top-1 error (%)")
-    fig.suptitle("Fig. 4: width x learning rate")
+    fig.suptitle(f"Fig. 4: width x learning rate ({method})")
     return _save(fig, out / "fig4_heatmaps.png")
 
 
