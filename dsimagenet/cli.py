@@ -168,7 +168,8 @@ def _sweep(args: argparse.Namespace) -> int:
         grid.update(parse_grid(args.grid))
     base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "out" and hasattr(args, f.name)})  # --out is the sweep's folder
-    outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of))
+    outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of,
+                                storage=args.storage))
     done = sum(1 for v in outcome.values() if v != "running elsewhere")
     print(f"{args.out}: {done} of {len(outcome)} runs finished here or before; results in {args.out}/results.csv")
     return 0
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
     p.add_argument("--index", type=int, default=0, help="this worker's index in a job array (0-based)")
     p.add_argument("--of", type=int, default=1, help="the number of workers in the job array")
+    p.add_argument("--storage", help="an Optuna storage URL (or journal:PATH) that workers on any machine share: "
+                                     "each takes the next run nobody has started")
     add_config_arguments(p, TrainConfig, skip=("out",), only_given=True)
     p.set_defaults(func=_sweep)
 

@@ -4,6 +4,7 @@
         --data out/{size}_{method} --epochs 40 --out sweeps/lr
     dsimagenet sweep spec.yaml --jobs 2                  # grid and base flags from a file
     dsimagenet sweep spec.yaml --index $SLURM_ARRAY_TASK_ID --of 8     # a job array: each task its share
+    dsimagenet sweep spec.yaml --storage postgresql://host/db          # workers anywhere share one study
 
 Every run gets its own directory under ``--out``, named by the values that vary. A finished run (result.json)
 is skipped and an interrupted one resumed; a lock file per run makes sure that two workers (processes, array
@@ -19,6 +20,7 @@ import csv
 import dataclasses
 import fcntl
 import itertools
+import json
 import multiprocessing
 import os
 import typing
@@ -38,6 +40,7 @@ class SweepConfig:
     jobs: int = 1
     index: int = 0
     of: int = 1
+    storage: str | None = None  # an Optuna storage shared by workers: each takes the next run nobody started
     quiet: bool = False  # no line per run
 
     def __post_init__(self):
@@ -144,6 +147,40 @@ def _run_one(name: str, config: TrainConfig, lock_dir: str, threads: int) -> str
         os.close(fd)
 
 
+def _claimed_from_storage(s: SweepConfig, runs: list[tuple[str, TrainConfig]], lock_dir: str,
+                          threads: int) -> dict[str, str]:
+    """Take runs one at a time from an Optuna study over the grid (its GridSampler hands every worker a run
+    that no worker was given before) until every run has been given out; then resume any run whose worker
+    died (unless another worker holds it)."""
+    import optuna
+
+    from dsimagenet.tune import open_storage
+
+    names = [n for n, _ in runs]
+    config_of = dict(runs)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=f"sweep:{Path(s.out).resolve()}", storage=open_storage(s.storage),
+                                load_if_exists=True, sampler=optuna.samplers.GridSampler({"run": names}, seed=0))
+    outcome = {}
+
+    def objective(trial) -> float:
+        name = trial.suggest_categorical("run", names)
+        outcome[name] = _run_one(name, config_of[name], lock_dir, threads)
+        if not s.quiet:
+            print(f"{name}: {outcome[name]}", flush=True)
+        result = Path(config_of[name].out) / "result.json"
+        if not result.exists():  # held by a worker that did not come through the storage
+            raise optuna.TrialPruned(f"{name} is running elsewhere")
+        return json.loads(result.read_text())["top1_error"]
+
+    if len(study.get_trials(deepcopy=False)) < len(names):
+        study.optimize(objective, catch=())  # the grid sampler stops the study once every run was given out
+    for name, config in runs:  # a run given to a worker that died: resumed here unless finished or held
+        if outcome.get(name) not in ("ran", "resumed and finished", "finished before"):
+            outcome[name] = _run_one(name, config, lock_dir, threads)
+    return outcome
+
+
 def sweep(s: SweepConfig) -> dict[str, str]:
     """Run this worker's share of the grid; returns {run name: what happened}; writes results.csv."""
     runs = expand(s)
@@ -151,7 +188,9 @@ def sweep(s: SweepConfig) -> dict[str, str]:
     lock_dir = str(Path(s.out) / ".locks")
     threads = max(1, (os.cpu_count() or 1) // s.jobs)
     outcome = {}
-    if s.jobs == 1:
+    if s.storage:
+        outcome = _claimed_from_storage(s, mine, lock_dir, threads)
+    elif s.jobs == 1:
         for name, config in mine:
             outcome[name] = _run_one(name, config, lock_dir, threads)
             if not s.quiet:

@@ -54,21 +54,23 @@ def storage_url(c: TuneConfig) -> str:
 
 
 def _storage(c: TuneConfig):
+    return open_storage(storage_url(c))
+
+
+def open_storage(url: str):
+    """An Optuna storage from a URL: any RDB URL, or ``journal:PATH`` for a journal file on a shared disk."""
     import optuna
 
-    url = storage_url(c)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    # a trial whose worker was killed stops beating and is run again (Optuna calls heartbeats experimental)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)} \
             if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") else \
             {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
-    # a trial whose worker was killed stops beating and is run again (Optuna calls heartbeats experimental)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **retry)
 
 

@@ -97,3 +97,23 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     for run in load_runs([out]):
         assert [m["epoch"] for m in run.metrics] == [1, 2]
         assert json.loads((run.path / "result.json").read_text())["epochs"] == 2
+
+
+def test_workers_sharing_an_optuna_storage(tmp_path):
+    data = learnable_native(tmp_path / "data")
+    storage = f"journal:{tmp_path / 'sweep.journal'}"
+    cmd = _cli(data, tmp_path / "sw") + ["--storage", storage]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    ran = [line.split(":")[0] for o, _ in outs for line in o.splitlines() if line.endswith(": ran")]
+    assert sorted(ran) == sorted(set(ran)) and len(ran) == 4, outs
+    import optuna
+
+    from dsimagenet.tune import open_storage
+
+    study = optuna.load_study(study_name=f"sweep:{(tmp_path / 'sw').resolve()}", storage=open_storage(storage))
+    complete = [t.params["run"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(ran)
+    # the grid sampler may hand one run to both workers in a race: the run's lock sends the second away
+    assert all(t.state.name == "PRUNED" for t in study.trials if t.state.name != "COMPLETE")
