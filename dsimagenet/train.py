@@ -36,6 +36,7 @@ from dsimagenet.recipe import OPERATIONAL, TrainConfig, learning_rate
 
 __all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct"]
 
+
 def dataset_fingerprint(path: str | Path) -> str:
     """Identifies the data a run was trained on: native checksums, or official files' sizes and ends."""
     path = Path(path)
