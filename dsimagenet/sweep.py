@@ -113,6 +113,8 @@ def expand(s: SweepConfig) -> list[tuple[str, TrainConfig]]:
         method = values.get("method", "box")
         if any(k in values for k in DATA_KEYS) and "{" not in data:
             data = os.path.join(data, "{size}_{method}")
+        if "{size}" in data and size is None:
+            raise ValueError(f"--data {data} needs a size: put size in the grid or give --size")
         fields["data"] = data.format(size=size, method=method)
         if "size" in values:
             fields["size"] = values["size"]

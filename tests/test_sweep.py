@@ -37,6 +37,10 @@ def test_expand_names_and_data_templates(tmp_path):
     assert runs[1][1].out == str(tmp_path / "method=box_size=32_lr=0.1")
     s = SweepConfig(out=str(tmp_path), grid=parse_grid("size=8"), base={"data": "d/{size}/x"})
     assert expand(s)[0][1].data == "d/8/x"
+    with pytest.raises(ValueError, match="needs a size"):
+        expand(SweepConfig(out=str(tmp_path), grid=parse_grid("method=box"), base={"data": "built"}))
+    assert expand(SweepConfig(out=str(tmp_path), grid=parse_grid("method=box"),
+                              base={"data": "built", "size": 32}))[0][1].data == "built/32_box"
 
 
 def test_a_2x2_sweep_runs_skips_and_writes_csv(tmp_path):
