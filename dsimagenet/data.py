@@ -136,8 +136,7 @@ class Loader:
             else:
                 self.images = torch.empty(data.shape, dtype=torch.uint8, device=self.device)
                 for a in range(0, len(data), 65536):  # copy in chunks: no full host copy of a memory map
-                    self.images[a: a + 65536] = torch.from_numpy(np.ascontiguousarray(data[a: a + 65536])).to(
-                        self.device)
+                    self.images[a: a + 65536] = torch.from_numpy(np.array(data[a: a + 65536])).to(self.device)
         self.epoch_index = 0
 
     @property
