@@ -39,13 +39,17 @@ class Source:
     table: ClassTable
     splits: list[str]
     mean: np.ndarray | None  # float64 (S, S, 3)
+    first: tuple[str, official.Batch] | None = None  # the batch read to learn size and mean, not read twice
 
     def batches(self, split: str) -> Iterator[SourceBatch]:
         if self.format == "native":
             yield from _native_batches(self.path, split, self.image_size)
             return
         for m in official.split_members(official.find_members(self.path), split, self.format, str(self.path)):
-            b = m.read(len(self.table))
+            if self.first is not None and self.first[0] == m.where:
+                b, self.first = self.first[1], None
+            else:
+                b = m.read(len(self.table))
             if b.image_size != self.image_size:
                 raise official.FormatError(f"{m.where}: {b.image_size} px, the rest are {self.image_size} px")
             yield SourceBatch(m.index, b.data, b.labels)
@@ -82,15 +86,15 @@ def open_source(path: str | Path, format: str | None = None) -> Source:
         return Source(path, fmt, meta["image_size"], _native_table(meta), sorted(meta["splits"]),
                       native.read_mean(path, meta))
     members = official.find_members(path)
-    splits = sorted({m.split for m in members if m.kind == fmt})
-    first = official.split_members(members, splits[0], fmt, str(path))[0].read()
+    splits = sorted({m.split for m in members if m.kind == fmt})  # "train" sorts before "val"
+    member = official.split_members(members, splits[0], fmt, str(path))[0]
+    first = member.read()
     mean = None
-    if "train" in splits:
-        b = first if splits[0] == "train" else official.split_members(members, "train", fmt, str(path))[0].read()
-        if b.mean is None:
-            raise official.FormatError(f"{path}: train_data_batch_1 has no 'mean'")
-        mean = official.planar_to_nhwc(b.mean[None], b.image_size)[0].copy()
-    return Source(path, fmt, first.image_size, IMAGENET, splits, mean)
+    if splits[0] == "train":  # every train batch carries the mean of all training images
+        if first.mean is None:
+            raise official.FormatError(f"{member.where}: no 'mean' in a train batch")
+        mean = official.planar_to_nhwc(first.mean[None], first.image_size)[0].copy()
+    return Source(path, fmt, first.image_size, IMAGENET, splits, mean, (member.where, first))
 
 
 def _append_rows(sw: native.SplitWriter, rows: np.ndarray, labels: np.ndarray, size: int) -> None:

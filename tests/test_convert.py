@@ -100,3 +100,14 @@ def test_info_and_cli(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["image_size"] == 8
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_train_batches_without_a_mean_are_refused(tiny, tmp_path):
+    src = tiny.official()
+    with open(src / "train_data_batch_1", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    del d["mean"]
+    with open(src / "train_data_batch_1", "wb") as f:
+        pickle.dump(d, f, protocol=3)
+    with pytest.raises(ValueError, match="train_data_batch_1: no 'mean' in a train batch"):
+        convert(src, tmp_path / "nat", ["native"])
