@@ -135,7 +135,8 @@ def read_split(path: str | Path, split: str, format: str | None = None, selector
         images = official.planar_to_nhwc(b.data, size)
         if selector is not None:
             idx, new = selector(b.labels)
-            images, b.labels = images[idx], b.labels[idx]
+            if len(idx) < len(b.labels):  # a copy only when rows are dropped; rows.add copies anyway
+                images, b.labels = images[idx], b.labels[idx]
             all_new.append(new)
         rows.add(images, expected_total=len(images) * len(members) + len(members) * 16)
         all_labels.append(b.labels)

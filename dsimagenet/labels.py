@@ -59,6 +59,9 @@ class ClassTable:
     def __len__(self) -> int:
         return len(self.wnids)
 
+    def __contains__(self, wnid: object) -> bool:
+        return wnid in self._devkit_of
+
     @functools.cached_property
     def _devkit_of(self) -> dict[str, int]:
         return {w: i + 1 for i, w in enumerate(self.wnids)}
@@ -208,7 +211,7 @@ def subset(classes: None | int | Sequence[str] = None, order: str = "devkit",
         kept = list(classes)
         if not kept:
             raise ValueError("classes is an empty list")
-        unknown = [w for w in kept if w not in table._devkit_of]
+        unknown = [w for w in kept if w not in table]
         if unknown:
             raise ValueError(f"not ILSVRC-2012 classes: {unknown[:5]}")
         if len(set(kept)) != len(kept):

@@ -22,7 +22,7 @@ def list_class_tree(root: Path, wnids: list[str] | None = None) -> Listing:
     if not dirs:
         raise SourceError(f"{root}: expected one folder per class (root/<class>/<image>), found none")
     names = [d.name for d in dirs]
-    imagenet = all(n in IMAGENET._devkit_of for n in names)
+    imagenet = all(n in IMAGENET for n in names)
     if wnids is None:
         wnids = list(IMAGENET.wnids) if imagenet else names
     label_of = {w: i + 1 for i, w in enumerate(wnids)}

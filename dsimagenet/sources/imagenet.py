@@ -47,7 +47,7 @@ def _class_tar(listing: Listing, f, where: str, wnid: str, base: int, limit: int
 
 def _wnid_of(name: str) -> str | None:
     stem = name[:-4] if name.endswith(".tar") else None
-    return stem if stem in IMAGENET._devkit_of else None
+    return stem if stem in IMAGENET else None
 
 
 def list_train(path: str | Path) -> Listing:
@@ -80,7 +80,7 @@ def list_train(path: str | Path) -> Listing:
         return listing
     if not dirs:
         raise SourceError(f"--train {path}: expected <wnid>/ class folders or <wnid>.tar files here, found neither")
-    not_wnids = [d.name for d in dirs if d.name not in IMAGENET._devkit_of and not d.name.startswith(".")]
+    not_wnids = [d.name for d in dirs if d.name not in IMAGENET and not d.name.startswith(".")]
     if not_wnids:
         raise SourceError(f"--train {path}: {not_wnids[:3]} are not ILSVRC-2012 WNIDs (for another dataset use "
                           "--folder)")
