@@ -94,13 +94,29 @@ def compute_stats(dataset, normalize: str | None) -> Stats:
     return Stats("meanstd", mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0)))
 
 
+@dataclass(frozen=True)
+class _Epoch:
+    """This rank's part of one epoch, laid out for the batch function; made once per epoch on the host and
+    moved to the device in one copy each. Within each step's share the images are read unmirrored first and
+    mirrored last (``read``), so one flip covers the mirrored tail; ``base`` places every output sample's crop
+    window in the padded batch buffer, in output order."""
+
+    bounds: list[int]  # (steps + 1,) start of each step's share in the arrays below
+    mirrored: list[int]  # (steps,) how many of each share are mirrored
+    read: np.ndarray  # (M,) image index, reading order (host: the streamed path reads the memory map with it)
+    read_dev: torch.Tensor
+    base: torch.Tensor  # (M,) offset of the crop window in the padded buffer, output order
+    targets: torch.Tensor  # (M,) labels, output order
+
+
 class Loader:
     """Batches of ``(x, y)``: x ``dtype`` (B, 3, S, S) on ``device``, y int64 (B,). See the module docstring.
 
-    ``resident``: keep the whole uint8 split on the device (None: when it fits in half the free memory);
-    otherwise each batch is gathered from the (memory-mapped) array and copied through pinned memory.
-    ``rank``/``world_size``: this process's share of every global batch of ``batch_size`` (DDP); without
-    ``drop_last`` a final global batch smaller than ``world_size`` leaves some ranks an empty share.
+    ``resident``: keep the whole split on the device as planar uint8 (N, 3, S, S), one copy made at start
+    (None: when it fits in half the free memory); otherwise each batch is gathered from the (memory-mapped)
+    array and copied through pinned memory. ``rank``/``world_size``: this process's share of every global
+    batch of ``batch_size`` (DDP); without ``drop_last`` a final global batch smaller than ``world_size`` leaves
+    some ranks an empty share.
     """
 
     def __init__(self, dataset, batch_size: int = 128, device: str | torch.device = "cpu", augment: str = "paper",
@@ -118,25 +134,27 @@ class Loader:
         self.dtype, self.channels_last, self.rank, self.world_size = dtype, channels_last, rank, world_size
         self.stats = stats if stats is not None else compute_stats(dataset, normalize)
         self.n = len(dataset)
-        self.targets = torch.as_tensor(np.asarray(dataset.targets, np.int64), device=self.device)
-        self._tables: tuple[torch.Tensor, ...] | None = None
+        self.size = dataset.data.shape[1]
+        self.targets = np.asarray(dataset.targets, np.int64)
         data = dataset.data
         if resident is None:
             if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-            else:
-                free = data.nbytes * 4 if not isinstance(data, np.memmap) else _available_ram()
-            resident = data.nbytes <= free // 2
+                resident = data.nbytes <= torch.cuda.mem_get_info(self.device)[0] // 2
+            else:  # where free RAM is unknown (not Linux), an array already in memory is copied, a map streamed
+                free = _available_ram()
+                resident = data.nbytes <= free // 2 if free else not isinstance(data, np.memmap)
         self.resident = resident
-        if resident:
-            if self.device.type == "cpu":
-                # a memory map is read into RAM once (np.array copies; ascontiguousarray would keep the map)
-                self.images = torch.from_numpy(np.array(data) if isinstance(data, np.memmap)
-                                               else np.ascontiguousarray(data))
-            else:
-                self.images = torch.empty(data.shape, dtype=torch.uint8, device=self.device)
-                for a in range(0, len(data), 65536):  # copy in chunks: no full host copy of a memory map
-                    self.images[a: a + 65536] = torch.from_numpy(np.array(data[a: a + 65536])).to(self.device)
+        if resident:  # planar, so that a batch is NCHW as gathered: copied in chunks, never a second full copy
+            self.images = torch.empty((self.n, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
+            for a in range(0, self.n, 65536):
+                chunk = data[a: a + 65536]  # read from a memory map here, once
+                if self.device.type == "cpu":
+                    self.images.numpy()[a: a + len(chunk)] = chunk.transpose(0, 3, 1, 2)
+                else:
+                    self.images[a: a + len(chunk)] = torch.from_numpy(np.array(chunk)).to(self.device).permute(
+                        0, 3, 1, 2)
+        self._norm = self._normalisation()
+        self._buf: tuple[torch.Tensor, ...] | None = None
         self.epoch_index = 0
 
     @property
@@ -150,80 +168,111 @@ class Loader:
     def plan(self, epoch: int) -> EpochPlan:
         return epoch_plan(self.n, epoch, self.seed, self.augment, self.shuffle)
 
+    def _normalisation(self) -> tuple[torch.Tensor, ...]:
+        """``x * mul + add`` for an image as it is and for a mirrored one (planar, broadcastable): ``mul =
+        1 / scale``, ``add = -mean / scale``; mirrored, the mean image is mirrored too."""
+        s = self.size
+        mean = np.broadcast_to(self.stats.mean, (s, s, 3)).transpose(2, 0, 1)
+        scale = np.broadcast_to(self.stats.scale, (s, s, 3)).transpose(2, 0, 1)
+        mul, add = 1.0 / scale, -mean / scale
+        return tuple(torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(self.device)
+                     for t in (mul, add, mul[:, :, ::-1], add[:, :, ::-1]))
+
+    def _shares(self, total: int) -> np.ndarray:
+        """(steps, 2): this rank's slice of every global batch (as ``np.array_split`` would cut each)."""
+        a = np.arange(len(self), dtype=np.int64) * self.batch_size
+        n = np.minimum(a + self.batch_size, total) - a
+        q, r = np.divmod(n, self.world_size)
+        lo = a + self.rank * q + np.minimum(self.rank, r)
+        return np.stack([lo, lo + q + (self.rank < r)], 1)
+
+    def _epoch(self, plan: EpochPlan) -> _Epoch:
+        shares = self._shares(len(plan.index))
+        lengths = shares[:, 1] - shares[:, 0]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        step = np.repeat(np.arange(len(shares)), lengths)
+        pos = np.arange(bounds[-1]) - bounds[step] + shares[step, 0]  # this rank's samples, output order
+        flip = plan.flip[pos]
+        order = np.argsort(step * 2 + flip, kind="stable")  # per share: unmirrored first, mirrored last
+        slot = np.empty_like(order)
+        slot[order] = np.arange(len(order))
+        slot -= bounds[step]  # where each output sample sits in its batch's reading order
+        s2 = self.size + 2 * PAD
+        dy, dx = (plan.shift[pos].T if plan.shift is not None else (np.full(len(pos), PAD),) * 2)
+        base = slot * (3 * s2 * s2) + dy * s2 + dx
+        read = plan.index[pos][order]
+        dev = self.device
+        mirrored = np.bincount(step, weights=flip, minlength=len(shares)).astype(np.int64)
+        return _Epoch(bounds.tolist(), mirrored.tolist(), read, torch.from_numpy(read).to(dev),
+                      torch.from_numpy(base).to(dev), torch.from_numpy(self.targets[plan.index[pos]]).to(dev))
+
     def _stream(self, idx: np.ndarray) -> torch.Tensor:
-        """Rows ``idx`` of a split that is not resident: gathered from the memory map, through pinned memory."""
+        """Rows ``idx`` of a split that is not resident: gathered from the memory map, through pinned memory,
+        made planar on the device."""
         order = np.argsort(idx, kind="stable")  # read the memory map in ascending order, then restore order
         rows = np.empty((len(idx), *self.dataset.data.shape[1:]), np.uint8)
         rows[order] = self.dataset.data[idx[order]]
         t = torch.from_numpy(rows)
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.permute(0, 3, 1, 2).contiguous()
 
-    def _maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per view code (flip, dy, dx): where each output value comes from, and how it is normalised.
+    def _buffers(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept from batch to batch: the middle of a zero-bordered padded batch, the view ``crops`` of that
+        padded batch (``crops[o]`` is the (3, S, S) crop whose first value is at flat offset ``o``), and room
+        for the gathered images."""
+        if self._buf is None or len(self._buf[2]) < b:
+            s, s2, dev, b = self.size, self.size + 2 * PAD, self.device, max(b, 1)
+            pad = torch.zeros((b, 3, s2, s2), device=dev)
+            last = pad.numel() - ((2 * s2 + s - 1) * s2 + s)  # the last offset whose crop stays inside
+            self._buf = (pad[:, :, PAD:PAD + s, PAD:PAD + s],
+                         pad.view(-1).as_strided((last + 1, 3, s, s), (1, s2 * s2, s2, 1)),
+                         torch.empty((b, 3, s, s), dtype=torch.uint8, device=dev))
+        return self._buf
 
-        Output element (c, i, j) of view (f, dy, dx) is pixel (i + dy - PAD, j' + dx - PAD) of the image, with
-        j' = S - 1 - j... mirrored when f, and channel c: its index in the HWC row (``src``), clamped when it
-        falls in the padding. The value is ``x * mul + add`` with ``mul = valid / scale`` and ``add =
-        -mean[src] * mul``, so padding becomes exactly 0 after mean subtraction, as the paper pads. All
-        2 * 9 * 9 maps are made once; a batch is then one gather and one fused multiply-add."""
-        if self._tables is None:
-            s = self.dataset.data.shape[1]
-            k = 2 * PAD + 1
-            f, dy, dx = (a.reshape(-1, 1) for a in np.meshgrid([0, 1], np.arange(k), np.arange(k), indexing="ij"))
-            ar = np.arange(s)
-            r = dy + ar - PAD  # (162, S) source row of output row i
-            c = dx + ar - PAD  # source column of output column j in the mirrored image ...
-            c = np.where(f == 1, s - 1 - c, c)  # ... which is column S - 1 - c of the image itself
-            valid = ((r >= 0) & (r < s))[:, None, :, None] & ((c >= 0) & (c < s))[:, None, None, :]
-            pix = np.clip(r, 0, s - 1)[:, :, None] * s + np.clip(c, 0, s - 1)[:, None, :]  # (162, S, S)
-            src = pix[:, None] * 3 + np.arange(3)[None, :, None, None]  # (162, 3, S, S) into the HWC row
-            mean = np.broadcast_to(self.stats.mean, (s, s, 3)).reshape(-1)
-            scale = np.broadcast_to(self.stats.scale, (s, s, 3)).reshape(-1)
-            mul = valid / scale[src]
-            add = -mean[src] * mul
-            self._tables = tuple(torch.from_numpy(np.ascontiguousarray(t.reshape(len(t), -1))).to(self.device)
-                                 for t in (src, mul.astype(np.float32), add.astype(np.float32)))
-        return self._tables
-
-    def _share(self, step: int, total: int) -> tuple[int, int]:
-        """This rank's slice of global batch ``step`` (as ``np.array_split`` would cut it)."""
-        a = step * self.batch_size
-        n = min(a + self.batch_size, total) - a
-        q, r = divmod(n, self.world_size)
-        lo = a + self.rank * q + min(self.rank, r)
-        return lo, lo + q + (self.rank < r)
-
-    def _device_plan(self, plan: EpochPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image indices and view codes of a whole epoch, moved to the device once (no copy per step)."""
-        k = 2 * PAD + 1
-        shift = plan.shift if plan.shift is not None else np.full((len(plan.index), 2), PAD)
-        code = plan.flip * k * k + shift[:, 0] * k + shift[:, 1]
-        return torch.from_numpy(plan.index).to(self.device), torch.from_numpy(code).to(self.device)
-
-    def batch(self, plan: EpochPlan, step: int, _device_plan=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step`` of an epoch's plan, this rank's share."""
-        idx_all, code_all = _device_plan or self._device_plan(plan)
-        lo, hi = self._share(step, len(plan.index))
-        idx, code = idx_all[lo:hi], code_all[lo:hi]
-        src, mul, add = (t.index_select(0, code) for t in self._maps())
-        if self.resident:
-            u = self.images.index_select(0, idx)
+    def _batch(self, ep: _Epoch, step: int, shifted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``, this rank's share: gather the uint8 images, mirror the mirrored tail, normalise into
+        the middle of a zero-bordered buffer, then cut every shifted crop out of it with one ``index_select``
+        of a view whose rows are all the crops the buffer holds (the border is 0 after mean subtraction, as
+        the paper pads)."""
+        lo, hi = ep.bounds[step], ep.bounds[step + 1]
+        b, k = hi - lo, hi - lo - ep.mirrored[step]  # the first k are shown as they are, the rest mirrored
+        mul, add, mul_f, add_f = self._norm
+        if not shifted and k == b:
+            u = self.images.index_select(0, ep.read_dev[lo:hi]) if self.resident else self._stream(ep.read[lo:hi])
+            x = u.float()
+            torch.addcmul(add, x, mul, out=x)
         else:
-            u = self._stream(plan.index[lo:hi])
-        b, s = u.shape[0], u.shape[1]
-        x = torch.gather(u.view(b, -1), 1, src).float()  # (B, 3*S*S): mirrored, shifted, channel-planar
-        x = torch.addcmul(add, x, mul).view(b, 3, s, s)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(dtype=self.dtype, memory_format=fmt), self.targets.index_select(0, idx)
+            # everything but the batch itself lives in buffers kept from batch to batch: on a CPU, fresh
+            # megabyte allocations cost page faults that would take as long as the work
+            mid, crops, u = self._buffers(b)
+            if b < len(u):
+                mid, u = mid[:b], u[:b]
+            if self.resident:
+                torch.index_select(self.images, 0, ep.read_dev[lo:hi], out=u)
+            else:
+                u = self._stream(ep.read[lo:hi])
+            if k == b:
+                mid.copy_(u)
+                torch.addcmul(add, mid, mul, out=mid)
+            else:
+                m0, m1 = mid[:k], mid[k:]
+                m0.copy_(u[:k])
+                m1.copy_(u[k:].flip(3))
+                torch.addcmul(add, m0, mul, out=m0)
+                torch.addcmul(add_f, m1, mul_f, out=m1)
+            x = crops.index_select(0, ep.base[lo:hi])
+        if self.dtype != torch.float32 or self.channels_last:
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            x = x.to(dtype=self.dtype, memory_format=fmt)
+        return x, ep.targets[lo:hi]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from ``start_step`` on: what a resumed run would have seen."""
         plan = self.plan(epoch)
-        dplan = self._device_plan(plan)
+        ep = self._epoch(plan)
         for step in range(start_step, len(self)):
-            yield self.batch(plan, step, dplan)
+            yield self._batch(ep, step, plan.shift is not None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from self.epoch(self.epoch_index)
