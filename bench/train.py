@@ -109,7 +109,7 @@ def bench_cpu(runs: int) -> None:
 
 
 def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str],
-              models: list[str] | None = None) -> None:
+              models: list[str] | None = None, eager: bool = True) -> None:
     import torch
 
     from dsimagenet.model import WideResNet, count_parameters
@@ -126,7 +126,7 @@ def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_m
             if models and f"{depth}-{width:g}" not in models:
                 continue
             data = synthetic_native(tmp / f"d{size}", n, size)
-            for mode in ["eager"] + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
+            for mode in ["eager"] * eager + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
                 kw = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
                 rate = trainer_rate(data, tmp / "run", depth, width, "cuda", **kw)
                 hours = 40 * EPOCH_IMAGES / rate / 3600
@@ -155,9 +155,10 @@ def main() -> None:
                    help="DEPTH-WIDTH of the GPU rows also run with torch.compile")
     p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"])
     p.add_argument("--models", nargs="*", help="only these DEPTH-WIDTH GPU rows (default: all four)")
+    p.add_argument("--no-eager", action="store_true", help="leave out the eager GPU rows")
     args = p.parse_args()
     if args.gpu:
-        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models)
+        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models, not args.no_eager)
     else:
         bench_cpu(args.runs)
 

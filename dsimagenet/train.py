@@ -121,12 +121,28 @@ def _setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def make_optimizer(model: WideResNet, c: TrainConfig) -> torch.optim.SGD:
-    """SGD; the paper's penalty wd * sum(w^2) on conv and linear weights is a gradient of 2 * wd * w."""
+def make_optimizer(model: WideResNet, c: TrainConfig, fused: bool = False,
+                   tensor_lr: bool = False) -> torch.optim.SGD:
+    """SGD; the paper's penalty wd * sum(w^2) on conv and linear weights is a gradient of 2 * wd * w.
+    ``fused`` (CUDA): one kernel per parameter group and step instead of several per tensor list;
+    ``tensor_lr``: the learning rate a (CPU) tensor, so that a compiled step is not recompiled when it changes."""
     decay, no_decay = model.decayed_parameters()
     return torch.optim.SGD([{"params": decay, "weight_decay": 2 * c.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+                           lr=torch.tensor(c.lr) if tensor_lr else c.lr, momentum=c.momentum,
+                           nesterov=c.nesterov, fused=fused or None)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float, tensor: bool) -> None:
+    """A compiled step reads the learning rate from a tensor, changed in place (a Python float would be compiled
+    in as a constant); a resumed checkpoint may bring either kind."""
+    for g in opt.param_groups:
+        if not tensor:
+            g["lr"] = lr
+        elif isinstance(g["lr"], torch.Tensor) and not g["lr"].is_cuda:
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = torch.tensor(lr)
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,17 +230,35 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     model = WideResNet(depth, c.width, num_classes, size, c.dropout).to(dev)
     if c.channels_last and dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, c)
+    # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel
+    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile, tensor_lr=c.compile)
+    opt_step = opt.step
     params = count_parameters(model)
     net: nn.Module = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(_use_global_bn(model), device_ids=[dev] if dev.type == "cuda"
                                                   else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+    step_net = net
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and (loss * n, correct, n) to add to the epoch's running sums: one graph when compiled."""
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = step_net(x)
+            loss = criterion(out, y)
+        n = torch.full((), y.shape[0], dtype=torch.float32, device=y.device)
+        return loss, torch.stack([loss.detach().float() * n, (out.argmax(1) == y).sum().float(), n])
+
     if c.compile:
         # static shapes: a handful of batch sizes (train, its last partial batch, eval) each get their own graph,
         # which CUDA graphs need anyway; dynamic shapes would make every graph slower
-        net = torch.compile(net, mode=None if c.compile_mode == "default" else c.compile_mode, dynamic=False)
-    criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+        mode = None if c.compile_mode == "default" else c.compile_mode
+        net = torch.compile(net, mode=mode, dynamic=False)  # for evaluation
+        if d.world == 1:  # the loss and the running sums join the network's graph (one launch with CUDA graphs)
+            forward = torch.compile(forward, mode=mode, dynamic=False)
+        else:
+            step_net = net
+        opt_step = torch.compile(opt.step)
 
     # --- run directory, or resume
     start_epoch, start_step, acc, train_seconds, images_seen = 0, 0, [0.0, 0.0, 0.0], 0.0, 0
@@ -276,7 +310,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
 
     # --- the loop
     steps = len(loader)
-    last_ckpt = time.monotonic()
+    last_ckpt, last_lr = time.monotonic(), None
     for epoch in range(start_epoch, c.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -284,18 +318,16 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
         first = start_step if epoch == start_epoch else 0
         for step, (x, y) in enumerate(loader.epoch(epoch, first), first):
             lr = learning_rate(c, epoch, step, steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(x)
-                loss = criterion(out, y)
+            if lr != last_lr:
+                _set_lr(opt, lr, c.compile)
+                last_lr = lr
+            loss, sums = forward(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            opt_step()
             # running sums stay on the device: no host synchronisation per step
             # (a tensor made from a Python number here would be a host-to-device copy, which synchronises)
-            acc_t[:2] += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double()])
-            acc_t[2] += len(y)
+            acc_t += sums
             images_seen += len(y) * d.world
             done = step + 1
             due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (

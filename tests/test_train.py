@@ -169,3 +169,28 @@ def test_resume_at_an_epoch_boundary_keeps_every_epoch_once(learnable, tmp_path)
     lines = lambda r: [strip(json.loads(x)) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [m["epoch"] for m in lines(tmp_path / "run")] == [1, 2, 3]
     assert lines(tmp_path / "run") == lines(tmp_path / "whole")
+
+
+def test_compiled_step_matches_eager(learnable, tmp_path):
+    """--compile puts the loss and the running sums into the network's graph: the same metrics as eager."""
+    kw = dict(data=str(learnable), epochs=2, depth=6, batch_size=32, lr=0.05, device="cpu", quiet=True)
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), **kw))
+    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **kw))
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("eager", "compiled"))
+    for m, n in zip(a, b, strict=True):
+        for key in ("train_loss", "train_error", "val_loss", "top1_error"):
+            assert m[key] == pytest.approx(n[key], rel=1e-3, abs=1e-3), key
+    assert compiled["top1_error"] == pytest.approx(eager["top1_error"], abs=1e-6)
+
+    # an eager run stopped after its first epoch, resumed compiled: the learning rate changes kind (float ->
+    # tensor) with the checkpoint, and the run ends where the eager one did
+    def stop(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "mixed"), **kw), on_epoch=stop)
+    mixed = train(TrainConfig(out=str(tmp_path / "mixed"), compile=True, **kw), resume=True)
+    assert mixed["top1_error"] == pytest.approx(eager["top1_error"], abs=1e-6)
+    last = json.loads((tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["epoch"] == 2 and last["train_loss"] == pytest.approx(a[-1]["train_loss"], rel=1e-3)
