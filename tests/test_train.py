@@ -175,7 +175,8 @@ def test_resume_at_an_epoch_boundary_keeps_every_epoch_once(learnable, tmp_path)
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_matches_eager(learnable, tmp_path):
-    """--compile puts the loss and the running sums into the network's graph: the same metrics as eager."""
+    """--compile puts the loss and the running sums into the network's graph and compiles the optimizer step:
+    the same metrics as eager."""
     kw = dict(data=str(learnable), epochs=2, depth=6, batch_size=32, lr=0.05, device="cpu", quiet=True)
     eager = train(TrainConfig(out=str(tmp_path / "eager"), **kw))
     compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **kw))
