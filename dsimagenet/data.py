@@ -104,7 +104,7 @@ class _Epoch:
     bounds: list[int]  # (steps + 1,) start of each step's share in the arrays below
     mirrored: list[int]  # (steps,) how many of each share are mirrored
     read: np.ndarray  # (M,) image index, reading order (host: the streamed path reads the memory map with it)
-    read_dev: torch.Tensor
+    read_dev: torch.Tensor | None  # the same on the device, when the images are resident there
     base: torch.Tensor  # (M,) offset of the crop window in the padded buffer, output order
     targets: torch.Tensor  # (M,) labels, output order
 
@@ -200,11 +200,13 @@ class Loader:
         s2 = self.size + 2 * PAD
         dy, dx = (plan.shift[pos].T if plan.shift is not None else (np.full(len(pos), PAD),) * 2)
         base = slot * (3 * s2 * s2) + dy * s2 + dx
-        read = plan.index[pos][order]
+        index = plan.index[pos]
+        read = index[order]
         dev = self.device
         mirrored = np.bincount(step, weights=flip, minlength=len(shares)).astype(np.int64)
-        return _Epoch(bounds.tolist(), mirrored.tolist(), read, torch.from_numpy(read).to(dev),
-                      torch.from_numpy(base).to(dev), torch.from_numpy(self.targets[plan.index[pos]]).to(dev))
+        return _Epoch(bounds.tolist(), mirrored.tolist(), read,
+                      torch.from_numpy(read).to(dev) if self.resident else None,
+                      torch.from_numpy(base).to(dev), torch.from_numpy(self.targets[index]).to(dev))
 
     def _stream(self, idx: np.ndarray) -> torch.Tensor:
         """Rows ``idx`` of a split that is not resident: gathered from the memory map, through pinned memory,
@@ -252,15 +254,11 @@ class Loader:
                 torch.index_select(self.images, 0, ep.read_dev[lo:hi], out=u)
             else:
                 u = self._stream(ep.read[lo:hi])
-            if k == b:
-                mid.copy_(u)
-                torch.addcmul(add, mid, mul, out=mid)
-            else:
-                m0, m1 = mid[:k], mid[k:]
-                m0.copy_(u[:k])
-                m1.copy_(u[k:].flip(3))
-                torch.addcmul(add, m0, mul, out=m0)
-                torch.addcmul(add_f, m1, mul_f, out=m1)
+            m0, m1 = mid[:k], mid[k:]
+            m0.copy_(u[:k])
+            m1.copy_(u[k:].flip(3))
+            torch.addcmul(add, m0, mul, out=m0)
+            torch.addcmul(add_f, m1, mul_f, out=m1)
             x = crops.index_select(0, ep.base[lo:hi])
         if self.dtype != torch.float32 or self.channels_last:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format

@@ -121,21 +121,19 @@ def _setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def make_optimizer(model: WideResNet, c: TrainConfig, fused: bool = False,
-                   tensor_lr: bool = False) -> torch.optim.SGD:
+def make_optimizer(model: WideResNet, c: TrainConfig, fused: bool = False) -> torch.optim.SGD:
     """SGD; the paper's penalty wd * sum(w^2) on conv and linear weights is a gradient of 2 * wd * w.
-    ``fused`` (CUDA): one kernel per parameter group and step instead of several per tensor list;
-    ``tensor_lr``: the learning rate a (CPU) tensor, so that a compiled step is not recompiled when it changes."""
+    ``fused`` (CUDA): one kernel per parameter group and step instead of several per tensor list."""
     decay, no_decay = model.decayed_parameters()
     return torch.optim.SGD([{"params": decay, "weight_decay": 2 * c.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=torch.tensor(c.lr) if tensor_lr else c.lr, momentum=c.momentum,
-                           nesterov=c.nesterov, fused=fused or None)
+                           lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, fused=fused or None)
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float, tensor: bool) -> None:
-    """A compiled step reads the learning rate from a tensor, changed in place (a Python float would be compiled
-    in as a constant); a resumed checkpoint may bring either kind."""
+    """A compiled step reads the learning rate from a (CPU) tensor, changed in place (a Python float would be
+    compiled in as a constant); a new optimizer or a resumed checkpoint brings a float or a tensor: the first
+    call of a run, before the first step, makes it the kind this run needs."""
     for g in opt.param_groups:
         if not tensor:
             g["lr"] = lr
@@ -231,7 +229,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     if c.channels_last and dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel
-    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile, tensor_lr=c.compile)
+    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile)
     opt_step = opt.step
     params = count_parameters(model)
     net: nn.Module = model
