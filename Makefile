@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 reliability: $(STAMP)
-	$(BIN)/python -m pytest -q -m reliability tests/test_reliability.py
+	$(BIN)/python -m pytest -q -m reliability tests
 
 demo: $(STAMP)
 	$(BIN)/dsimagenet demo --out demo-out

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsimagenet.errors import DSImageNetError
 from dsimagenet.formats import native
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
@@ -45,7 +46,7 @@ LOCK = ".build.lock"
 _CHUNK_BYTES = 32 << 20
 
 
-class BuildError(RuntimeError):
+class BuildError(DSImageNetError, RuntimeError):
     """The build stopped; the message says which file and why, and how to go on."""
 
 

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsimagenet.build import BuildError
+    from dsimagenet.errors import DSImageNetError, describe_os_error
 
     args = build_parser().parse_args(argv)
     try:
@@ -322,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dsimagenet classes | head` closes the pipe early; that is not an error
         sys.stderr.close()
         return 0
-    except (OSError, ValueError, KeyError, BuildError) as e:  # bad input: one line naming the file, exit 1
+    except DSImageNetError as e:  # bad input or environment: one line naming the file, its own exit status
         print(f"dsimagenet {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # the system's word on a path (missing, unreadable, disk full): one line naming it
+        print(f"dsimagenet {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
+    # Anything else is a bug of ours and keeps its traceback.
 
 
 if __name__ == "__main__":

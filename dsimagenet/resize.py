@@ -19,13 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from dsimagenet.errors import DSImageNetError
+
 METHODS = {"box": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST,
            "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
            "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 ASPECTS = ("squash", "center-crop")
 
 
-class ImageError(ValueError):
+class ImageError(DSImageNetError, ValueError):
     """An input that is not a usable image; the message says why."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsimagenet.errors import DSImageNetError
 from dsimagenet.formats.atomic import atomic_write, commit, fsync_dir, temp_path
 
 FORMAT_NAME = "dsimagenet-native"
@@ -31,7 +32,7 @@ _HEADER_BYTES = 128  # a fixed-size .npy header, so it can be rewritten once the
 _HASH_CHUNK = 64 << 20
 
 
-class NativeFormatError(ValueError):
+class NativeFormatError(DSImageNetError, ValueError):
     pass
 
 

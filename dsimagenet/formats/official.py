@@ -22,6 +22,7 @@ from typing import IO
 
 import numpy as np
 
+from dsimagenet.errors import DSImageNetError
 from dsimagenet.formats.atomic import atomic_write
 
 NUM_BATCHES = 10
@@ -42,7 +43,7 @@ _ALLOWED = {
 }
 
 
-class FormatError(ValueError):
+class FormatError(DSImageNetError, ValueError):
     """A dataset file that is not what it should be; the message names the file."""
 
 

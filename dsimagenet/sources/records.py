@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsimagenet.errors import DSImageNetError
+
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
-class SourceError(ValueError):
+class SourceError(DSImageNetError, ValueError):
     """A source that is not what it should be; the message names the path and what was expected."""
 
 
