@@ -19,6 +19,10 @@ class DSImageNetError(Exception):
     exit_code = 1
 
 
+class FormatError(DSImageNetError, ValueError):
+    """A dataset file that is not what it should be; the message names the file."""
+
+
 class ConfigError(DSImageNetError, ValueError):
     """A configuration value out of range; the message names the field (as its flag) and the allowed values."""
 
@@ -31,3 +35,10 @@ def describe_os_error(e: OSError) -> str:
     if not paths:
         return str(e)
     return f"{' -> '.join(map(str, paths))}: {text}"
+
+
+class Diverged(DSImageNetError):
+    """A training run whose loss became non-finite (NaN or infinite): stopped, and marked ``"status":
+    "diverged"`` in its result.json; the message names the run, the epoch and step, the loss, and a remedy."""
+
+    exit_code = 3

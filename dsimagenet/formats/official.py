@@ -4,16 +4,23 @@ Format (``../shared/reference/format.md``): ``train_data_batch_1`` .. ``train_da
 as pickles (no extension) or ``.npz``; keys ``data`` uint8 (n, 3*S*S) channel-planar rows, ``labels`` 1..1000
 in devkit order, ``mean`` float64 (3*S*S,) in train batches only.
 
-Pickles are never handed to ``pickle.load``: ``SafeUnpickler`` builds only numpy arrays and dtypes from an
-allow-list, so a file that asks for ``os.system`` is refused before anything runs. npz files are read with
-``allow_pickle=False``.
+Pickles are never handed to ``pickle.load``. ``safepickle`` is a small pickle machine that knows only the
+opcodes and the few numpy callables that the official files and the common writers produce (each named where
+it is handled), builds numpy arrays itself from the bytes the file holds, and refuses everything else with the
+construct's name: a file that asks for ``os.system`` is refused before anything runs, and one that would build
+more than the file holds (an array of a claimed size, a chain of ``_codecs.encode``, lists of lists from memo
+references) is refused before it is built. npz files are read member by member: each ``.npy`` header's shape
+is checked against the member's size in the zip before anything is allocated. Whatever a file claims, reading
+it costs memory in proportion to the bytes it really holds.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,53 +29,107 @@ from typing import IO
 
 import numpy as np
 
-from dsimagenet.errors import DSImageNetError
+from dsimagenet.errors import FormatError
+from dsimagenet.formats import safepickle
 from dsimagenet.formats.atomic import atomic_write
 
 NUM_BATCHES = 10
 _BATCH_RE = re.compile(r"^(train_data_batch_(\d+)|val_data)(\.npz)?$")
 _ZIP_MAGIC = b"PK\x03\x04"
-
-# (module, name) pairs a numpy-array pickle needs, under the NumPy 1 and NumPy 2 module names.
-_ALLOWED = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
-    ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # protocol 2 stores bytes as latin-1 text
-}
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than this: a larger claimed size is a lie
+_MAX_NPY_HEADER = 10_000  # numpy's own limit for headers of untrusted files
 
 
-class FormatError(DSImageNetError, ValueError):
-    """A dataset file that is not what it should be; the message names the file."""
+# --- zips and npz ------------------------------------------------------------------------------------------
+
+def _check_zip_member(info: zipfile.ZipInfo, where: str, archive_size: int) -> None:
+    """Refuse, before opening it, a member zipfile cannot read or whose sizes cannot be true."""
+    if info.flag_bits & 0x1:
+        raise FormatError(f"{where}: the member is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        name = {9: "Deflate64", 12: "bzip2", 14: "LZMA", 93: "Zstandard"}.get(info.compress_type, "unknown")
+        raise FormatError(f"{where}: compression method {info.compress_type} ({name}) is not supported; the "
+                          "official zips and numpy use stored or deflate")
+    if info.compress_size > archive_size:
+        raise FormatError(f"{where}: claims {info.compress_size:,} compressed bytes in a {archive_size:,}-byte zip")
+    limit = info.compress_size if info.compress_type == zipfile.ZIP_STORED else \
+        info.compress_size * _DEFLATE_MAX_RATIO + 1024
+    if info.file_size > limit:
+        raise FormatError(f"{where}: claims {info.file_size:,} bytes from {info.compress_size:,} compressed: "
+                          "more than the compression can produce (a damaged or forged zip)")
 
 
-class RefusedPickle(pickle.UnpicklingError):
-    pass
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, dtypes, lists, dicts, numbers and strings, and refuses everything else."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise RefusedPickle(f"refused to load {module}.{name}: not a numpy array or plain value")
-
-
-def safe_load(fileobj: IO[bytes], where: str):
+def _open_zip(f, where: str) -> zipfile.ZipFile:
     try:
-        return SafeUnpickler(fileobj, encoding="latin1").load()
-    except RefusedPickle as e:
-        raise FormatError(f"{where}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError) as e:
-        raise FormatError(f"{where}: not a readable pickle (truncated or damaged): {e}") from None
+        return zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, struct.error, OSError) as e:
+        # OSError: a seek to the negative offset a damaged directory asks for
+        raise FormatError(f"{where}: not a readable zip file: {e}") from None
 
+
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, archive_size: int) -> IO[bytes]:
+    _check_zip_member(info, where, archive_size)
+    try:
+        return zf.open(info)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, ValueError, struct.error,
+            OSError) as e:
+        raise FormatError(f"{where}: damaged zip member: {e}") from None
+
+
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, archive_size: int) -> np.ndarray:
+    """One .npy member: its header's shape and dtype checked against the member's size before allocating."""
+    with _open_member(zf, info, where, archive_size) as f:
+        s = safepickle.Stream(f, where, info.file_size)
+        try:
+            pre = s.read(10)
+            if pre[:6] != b"\x93NUMPY" or pre[6] not in (1, 2, 3):
+                raise safepickle.Refused(f"not an .npy array (starts {pre[:8]!r})")
+            if pre[6] == 1:
+                hlen, lenbytes = int.from_bytes(pre[8:10], "little"), pre[8:10]
+            else:
+                lenbytes = pre[8:10] + s.read(2)
+                hlen = int.from_bytes(lenbytes, "little")
+            if hlen > _MAX_NPY_HEADER:
+                raise safepickle.Refused(f"an .npy header of {hlen:,} bytes (at most {_MAX_NPY_HEADER:,})")
+            header = s.read(hlen)
+        except safepickle.Refused as e:
+            raise FormatError(f"{where}: {e}") from None
+        try:
+            reader = np.lib.format.read_array_header_1_0 if pre[6] == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(io.BytesIO(lenbytes + header))
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise FormatError(f"{where}: unreadable .npy header: {e}") from None
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields or dtype.subdtype:
+            raise FormatError(f"{where}: dtype {dtype} is refused: only bool, integer and float arrays (object "
+                              "arrays would need pickle)")
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if s.offset() + nbytes != info.file_size:
+            raise FormatError(f"{where}: its header claims shape {shape} {dtype} ({nbytes:,} bytes) but the "
+                              f"member holds {info.file_size - s.offset():,} bytes of data")
+        try:
+            arr = s.payload(nbytes)
+            if not s.at_end():
+                raise safepickle.Refused("bytes after the array")
+        except safepickle.Refused as e:
+            raise FormatError(f"{where}: {e}") from None
+        flat = np.frombuffer(arr, dtype) if isinstance(arr, bytes) else arr.view(dtype)
+        return (flat.copy() if isinstance(arr, bytes) else flat).reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npz(f, where: str, size: int) -> dict:
+    zf = _open_zip(f, where)
+    with zf:
+        by_name: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            if info.filename in ("data.npy", "labels.npy", "mean.npy"):
+                if info.filename in by_name:
+                    raise FormatError(f"{where}: two members named {info.filename}")
+                by_name[info.filename] = info
+        return {name[:-4]: _read_npy(zf, info, f"{where}:{name}", size) for name, info in by_name.items()}
+
+
+# --- batches -----------------------------------------------------------------------------------------------
 
 @dataclass
 class Batch:
@@ -90,6 +151,26 @@ def nhwc_to_planar(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
 
 
+def _check_labels(labels, n: int, where: str, num_classes: int) -> np.ndarray:
+    if isinstance(labels, list):  # the official pickles: a list of int (np.int64 from list(array) too)
+        bad = next((v for v in labels if type(v) is not int and not isinstance(v, np.integer)), None)
+        if bad is not None:
+            raise FormatError(f"{where}: 'labels' must be integers, found a {type(bad).__name__} "
+                              f"({safepickle.short(bad)})")
+        lo, hi = (min(labels), max(labels)) if labels else (1, 1)
+    elif isinstance(labels, np.ndarray):  # the npz files: an integer array
+        if labels.dtype.kind not in "iu" or labels.ndim != 1:
+            raise FormatError(f"{where}: 'labels' must be integers (n,), found {labels.dtype} {labels.shape}")
+        lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (1, 1)
+    else:
+        raise FormatError(f"{where}: 'labels' must be a list or array of integers, found {type(labels).__name__}")
+    if len(labels) != n:
+        raise FormatError(f"{where}: {len(labels)} labels for {n} images")
+    if lo < 1 or hi > num_classes:
+        raise FormatError(f"{where}: labels must be 1..{num_classes} (devkit IDs), found {lo}..{hi}")
+    return np.array(labels, dtype=np.int64).reshape(n)  # empty lists too: int64, length 0
+
+
 def _check_batch(obj, where: str, num_classes: int) -> Batch:
     if not isinstance(obj, dict) or "data" not in obj or "labels" not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -98,28 +179,44 @@ def _check_batch(obj, where: str, num_classes: int) -> Batch:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise FormatError(f"{where}: 'data' must be a uint8 array (n, 3*S*S), found {desc}")
-    size = int(round((data.shape[1] / 3) ** 0.5))
+    size = math.isqrt(data.shape[1] // 3)
     if 3 * size * size != data.shape[1] or size == 0:
         raise FormatError(f"{where}: rows of {data.shape[1]} values are not 3*S*S for any image size S")
-    labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu" or labels.shape != (len(data),):
-        raise FormatError(f"{where}: {labels.shape} labels of type {labels.dtype} for {len(data)} images")
-    labels = labels.astype(np.int64)
-    if labels.size and (labels.min() < 1 or labels.max() > num_classes):
-        raise FormatError(f"{where}: labels must be 1..{num_classes} (devkit IDs), "
-                          f"found {labels.min()}..{labels.max()}")
+    labels = _check_labels(labels, len(data), where, num_classes)
     if mean is not None:
-        mean = np.asarray(mean)
-        if mean.shape != (data.shape[1],) or mean.dtype.kind != "f":
-            raise FormatError(f"{where}: 'mean' must be float ({data.shape[1]},), found {mean.dtype} {mean.shape}")
+        if not isinstance(mean, np.ndarray) or mean.shape != (data.shape[1],) or mean.dtype.kind != "f":
+            desc = f"{mean.dtype} {mean.shape}" if isinstance(mean, np.ndarray) else type(mean).__name__
+            raise FormatError(f"{where}: 'mean' must be a float array ({data.shape[1]},), found {desc}")
         mean = mean.astype(np.float64)
-    return Batch(data, labels, mean, size)
+        if not np.isfinite(mean).all() or mean.min() < 0 or mean.max() > 255:
+            bad = "NaN or infinite values" if not np.isfinite(mean).all() else f"{mean.min()}..{mean.max()}"
+            raise FormatError(f"{where}: 'mean' is the mean of uint8 pixels, 0..255, but holds {bad}")
+    return Batch(np.ascontiguousarray(data), labels, mean, size)
 
 
-def read_batch(fileobj: IO[bytes], where: str, expect: str, num_classes: int = 1000) -> Batch:
-    """Read one batch file; ``expect`` is "pickle" or "npz" (from its name). ``where`` names it in errors."""
-    head = fileobj.read(4)
-    fileobj.seek(0)
+def _stream_size(fileobj) -> tuple[int, int] | None:
+    """(start, size) of a seekable file, else None."""
+    try:
+        if not fileobj.seekable():
+            return None
+        start = fileobj.tell()
+        end = fileobj.seek(0, io.SEEK_END)
+        fileobj.seek(start)
+        return start, end - start
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def read_batch(fileobj: IO[bytes], where: str, expect: str, num_classes: int = 1000,
+               size: int | None = None) -> Batch:
+    """Read one batch file; ``expect`` is "pickle" or "npz" (from its name). ``where`` names it in errors.
+    ``size``: the bytes the stream holds, when it cannot be seeked cheaply (a zip member: its central
+    directory's size); never more is read, and no claim inside the file beyond it is believed."""
+    seekable = _stream_size(fileobj) if size is None else None
+    if seekable:
+        size = seekable[1]
+    s = safepickle.Stream(fileobj, where, size)
+    head = s.peek(4)
     if not head:
         raise FormatError(f"{where}: the file is empty")
     is_zip = head == _ZIP_MAGIC
@@ -129,14 +226,19 @@ def read_batch(fileobj: IO[bytes], where: str, expect: str, num_classes: int = 1
     if expect == "pickle" and is_zip:
         raise FormatError(f"{where}: expected a pickle but this is an npz (zip) file: name it {Path(where).name}.npz")
     if expect == "pickle":
-        return _check_batch(safe_load(fileobj, where), where, num_classes)
-    try:
-        with np.load(fileobj, allow_pickle=False) as z:
-            obj = {k: z[k] for k in z.files}
-    except ValueError as e:  # object arrays need pickle: refused
-        raise FormatError(f"{where}: {e}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise FormatError(f"{where}: not a readable npz (truncated or damaged): {e}") from None
+        obj = safepickle.load_pickle(s, where)
+    else:
+        if seekable:
+            fileobj.seek(seekable[0])
+            f = fileobj
+        else:  # inside a zip: into memory, but first make sure it starts as an npz does (a .npy member)
+            name_len = int.from_bytes(s.peek(28)[26:28], "little")
+            first = s.peek(30 + name_len)[30:]
+            if not 0 < name_len <= 1024 or not first.endswith(b".npy"):
+                raise FormatError(f"{where}: not an npz: its first member is {first[:40]!r}, not an .npy array")
+            f = s.slurp()
+            size = len(f.buf)
+        obj = _read_npz(f, where, size)
     return _check_batch(obj, where, num_classes)
 
 
@@ -149,12 +251,14 @@ class Member:
     kind: str  # "pickle" or "npz"
     where: str  # a path for messages: /x/Imagenet32_train.zip:Imagenet32_train/train_data_batch_1
     open: Callable[[], IO[bytes]]
+    size: int | None = None  # a zip member's size from the central directory; None for a file on disk
 
     def read(self, num_classes: int = 1000) -> Batch:
         with self.open() as f:
-            if self.kind == "npz" and not f.seekable():
-                f = io.BytesIO(f.read())
-            return read_batch(f, self.where, self.kind, num_classes)
+            b = read_batch(f, self.where, self.kind, num_classes, size=self.size)
+        if self.split == "train" and b.mean is None:
+            raise FormatError(f"{self.where}: no 'mean' in a train batch")
+        return b
 
 
 def _classify(name: str) -> tuple[str, int, str] | None:
@@ -167,23 +271,28 @@ def _classify(name: str) -> tuple[str, int, str] | None:
 
 def _zip_members(path: Path) -> Iterator[Member]:
     try:
+        archive_size = path.stat().st_size
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
         raise FormatError(f"{path}: not a readable zip file: {e}") from None
     for info in zf.infolist():
         if info.is_dir():
             continue
         c = _classify(info.filename.rsplit("/", 1)[-1])
         if c:
-            yield Member(*c, f"{path}:{info.filename}", lambda info=info: zf.open(info))
+            where = f"{path}:{info.filename}"
+            yield Member(*c, where, lambda info=info, where=where: _open_member(zf, info, where, archive_size),
+                         info.file_size)
 
 
 def _sibling_parts(path: Path) -> list[Path]:
-    """Imagenet64_train_part1.zip holds batches 1-5 and part2 holds 6-10: take both when given one."""
+    """Imagenet64_train_part1.zip holds batches 1-5 and part2 holds 6-10: take both when given one (and only
+    those: not the _npz.zip parts beside them)."""
     m = re.match(r"^(.*_part)\d+(.*\.zip)$", path.name)
     if not m:
         return [path]
-    return sorted(path.parent.glob(f"{m.group(1)}*{m.group(2)}"))
+    same = re.compile(re.escape(m.group(1)) + r"\d+" + re.escape(m.group(2)))
+    return sorted(p for p in path.parent.iterdir() if same.fullmatch(p.name) and p.is_file())
 
 
 def find_members(path: str | Path) -> list[Member]:
@@ -243,6 +352,8 @@ def batch_name(split: str, index: int, kind: str) -> str:
     return name + (".npz" if kind == "npz" else "")
 
 
+# --- writing -----------------------------------------------------------------------------------------------
+
 class _Raw:
     """Array bytes to be written as one BINBYTES opcode straight from the array's memory."""
 
@@ -250,9 +361,16 @@ class _Raw:
         self.view = memoryview(np.ascontiguousarray(array).reshape(-1))  # 1-D uint8, empty batches too
 
 
+# numpy's pickle callables under the names NumPy 1.x writes. NumPy < 1.26 cannot import numpy._core (NumPy 2's
+# name); NumPy 2 keeps numpy.core.multiarray._reconstruct and .scalar importable without a warning for old
+# pickles (numpy/core/multiarray.py), so every NumPy from 1.x to 2.x reads these with plain pickle.load.
+_NUMPY1_NAMES = {id(np.empty(0).__reduce__()[0]): ("numpy.core.multiarray", "_reconstruct"),
+                 id(np.int64(0).__reduce__()[0]): ("numpy.core.multiarray", "scalar")}
+
+
 class _BatchPickler(pickle._Pickler):
-    """Pickles like ``pickle.dump`` (protocol 3), except that the image array's bytes go to the file
-    without the full copy ``ndarray.__reduce__`` makes (1.6 GB per 64 px batch)."""
+    """Pickles like ``pickle.dump``, except that the image array's bytes go to the file without the full copy
+    ``ndarray.__reduce__`` makes (1.6 GB per 64 px batch), and numpy is named as NumPy 1.x names it."""
 
     def reducer_override(self, obj):
         if type(obj) is np.ndarray and obj.dtype == np.uint8 and obj.flags.c_contiguous:
@@ -260,10 +378,27 @@ class _BatchPickler(pickle._Pickler):
             return np.ndarray.__reduce__(np.empty(0, np.uint8))[0], (np.ndarray, (0,), b"b"), state
         return NotImplemented
 
+    def save_global(self, obj, name=None):
+        alias = _NUMPY1_NAMES.get(id(obj))
+        if alias is None:
+            return super().save_global(obj, name)
+        module, name = alias
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
     def save(self, obj, save_persistent_id=True):
         if isinstance(obj, _Raw):
-            self.write(pickle.BINBYTES + len(obj.view).to_bytes(4, "little"))
-            self.write(obj.view)
+            n = len(obj.view)
+            if self.proto >= 4:
+                self._write_large_bytes(pickle.BINBYTES8 + n.to_bytes(8, "little"), obj.view)
+            else:
+                self.write(pickle.BINBYTES + n.to_bytes(4, "little"))
+                self.write(obj.view)
             return
         super().save(obj, save_persistent_id)
 
@@ -271,20 +406,18 @@ class _BatchPickler(pickle._Pickler):
 def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np.ndarray | None,
                 kind: str) -> None:
     """Write one official batch file atomically: ``rows`` uint8 (n, 3*S*S) channel-planar, ``labels`` 1-based
-    devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val."""
+    devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val. An empty batch is legal."""
     if rows.dtype != np.uint8 or rows.ndim != 2:
         raise ValueError(f"rows must be uint8 (n, 3*S*S), not {rows.dtype} {rows.shape}")
     if kind == "npz":
-        labels_out = np.asarray(labels, dtype=np.int64)
+        labels_out = np.asarray(labels, dtype=np.int64).reshape(len(rows))
     else:
-        labels_out = [int(x) for x in labels]  # a Python list of int, as in the official pickles
+        labels_out = [int(x) for x in labels]  # a Python list of int, as in the official pickles ([] if empty)
     obj = {"data": rows, "labels": labels_out}
     if mean is not None:
         obj["mean"] = np.asarray(mean, dtype=np.float64).reshape(-1)
     with atomic_write(path) as f:
         if kind == "npz":
             np.savez(f, **obj)
-        elif rows.nbytes >= 2**32:  # BINBYTES holds at most 4 GiB; protocol 4 has BINBYTES8
-            pickle.dump(obj, f, protocol=4)
-        else:
-            _BatchPickler(f, protocol=3).dump(obj)  # protocol 3, as the originals
+        else:  # protocol 3, as the originals; BINBYTES holds at most 4 GiB, protocol 4 has BINBYTES8
+            _BatchPickler(f, protocol=3 if rows.nbytes < 2**32 else 4).dump(obj)
