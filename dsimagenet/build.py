@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
+import numbers
 import os
 import shutil
 import sys
@@ -31,19 +32,26 @@ from pathlib import Path
 
 import numpy as np
 
-from dsimagenet.errors import DSImageNetError
+from dsimagenet.errors import ConfigError, DSImageNetError
 from dsimagenet.formats import native
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
 from dsimagenet.resize import ImageError, Resize, resize_all
 from dsimagenet.sources import folder as folder_source
 from dsimagenet.sources import imagenet as imagenet_source
-from dsimagenet.sources.records import Listing, Record, read_record
+from dsimagenet.sources.records import Listing, Record, printable, read_record
 
 FORMATS = ("pickle", "npz", "native")
 WORK = ".build"
 LOCK = ".build.lock"
 _CHUNK_BYTES = 32 << 20
+# Bounds on what one build may ask for, checked before anything is written: the largest side ImageNet's photos
+# commonly have (beyond it a "downsampled" dataset is an upsampled one), and a grid of outputs that one decode
+# feeds (every combination's rows of a chunk are held in each worker's memory at once).
+MAX_SIZE = 1024
+MAX_COMBOS = 64
+MAX_WORKERS = 1024
+_MAX_CHUNK_BYTES = 1 << 30
 
 
 class BuildError(DSImageNetError, RuntimeError):
@@ -73,16 +81,47 @@ class BuildConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        """Every field checked here, in one place, before the build creates anything on disk."""
         for name in ("sizes", "methods", "formats"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str | int) else tuple(value))
+        if all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in self.sizes):
+            object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))  # numpy ints: JSON and digest
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
-            raise ValueError(f"formats must be among {FORMATS}, not {list(self.formats)}")
+            raise ConfigError(f"--formats must be among {', '.join(FORMATS)}, not {list(self.formats)}")
+        for name in ("sizes", "methods", "formats"):
+            value = getattr(self, name)
+            if len(set(value)) != len(value):
+                raise ConfigError(f"--{name} lists a value twice: {list(value)}")
+        if not self.out:
+            raise ConfigError("--out: give the folder to build into")
         if self.folder and (self.train or self.val):
-            raise ValueError("--folder is one source; use it without --train/--val")
+            raise ConfigError("--folder is one source; use it without --train/--val")
         if not (self.folder or self.train or self.val):
-            raise ValueError("nothing to build: give --train and/or --val (ILSVRC-2012), or --folder")
-        self.resize  # noqa: B018 - validates methods, sizes, aspect
+            raise ConfigError("nothing to build: give --train and/or --val (ILSVRC-2012), or --folder")
+        if self.devkit and not self.val:
+            raise ConfigError("--devkit labels the validation images: give --val too (or leave --devkit out)")
+        self.resize  # noqa: B018 - validates methods, sizes (positive whole numbers), aspect
+        if max(self.sizes) > MAX_SIZE:
+            raise ConfigError(f"--sizes: {max(self.sizes)} is larger than {MAX_SIZE}, the largest size a build "
+                              "makes (ImageNet's photos are about 400 px a side)")
+        if len(self.sizes) * len(self.methods) > MAX_COMBOS:
+            raise ConfigError(f"--sizes x --methods: {len(self.sizes)} x {len(self.methods)} = "
+                              f"{len(self.sizes) * len(self.methods)} outputs, at most {MAX_COMBOS} in one build")
+        for name, value, low, high in (("workers", self.workers, 1, MAX_WORKERS),
+                                       ("max-image-pixels", self.max_image_pixels, 1, None),
+                                       ("chunk-rows", self.chunk_rows, 1, 1 << 20), ("seed", self.seed, 0, None)):
+            if value is None and name != "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                allowed = f"{low}..{high:,}" if high else f"a whole number >= {low}"
+                raise ConfigError(f"--{name} must be {allowed}{' (or left out)' if name != 'seed' else ''}, "
+                                  f"not {value!r}")
+        row_bytes = sum(3 * s * s for s, _ in self.resize.combos)
+        if self.chunk_rows and self.chunk_rows * row_bytes > _MAX_CHUNK_BYTES:
+            raise ConfigError(f"--chunk-rows {self.chunk_rows}: {self.chunk_rows} rows of {row_bytes:,} bytes "
+                              f"would be held in each worker's memory; at most {_MAX_CHUNK_BYTES >> 20} MB")
 
     @property
     def resize(self) -> Resize:
@@ -94,21 +133,40 @@ class BuildConfig:
 _fds: dict[str, int] = {}
 
 
-def _init_worker(max_pixels: int | None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the build that started it ends, however early it is killed: a worker left behind
+    waits on its queue forever, holding the deleted work arrays (and their disk space) open.
+
+    ``parent`` is the build's pid, taken by the build itself: a worker whose build died before it got here has
+    been re-parented (to 1 or a subreaper), and its own os.getppid() would name the wrong process to watch."""
     import threading
 
-    from PIL import Image
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
 
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    parent = os.getppid()
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - <linux/prctl.h>
+        libc = ctypes.CDLL(None, use_errno=True)
+        # SIGKILL when the parent *thread* that spawned us exits: the pool spawns its workers from the build's
+        # main thread (ProcessPoolExecutor.submit), which lives as long as the build
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # after prctl: a build that died before it was set is seen here
+        os._exit(1)
 
-    def exit_with_parent() -> None:  # a killed build must not leave workers waiting on its queue forever
+    def exit_with_parent() -> None:  # where there is no prctl, and as a second line where there is
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _init_worker(max_pixels: int | None, parent: int) -> None:
+    _die_with_parent(parent)
+    from PIL import Image
+
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _work_fd(path: str) -> int:
@@ -206,6 +264,8 @@ def _chunk_rows(c: BuildConfig, n_total: int, workers: int) -> int:
     if c.chunk_rows:
         return c.chunk_rows
     row_bytes = sum(3 * s * s for s, _ in c.resize.combos)
+    if row_bytes * 16 > _CHUNK_BYTES:  # large outputs: fewer rows a chunk, so a worker's memory stays bounded
+        return max(1, _CHUNK_BYTES // row_bytes)
     rows = max(16, min(4096, _CHUNK_BYTES // row_bytes))
     return max(16, min(rows, -(-n_total // (4 * workers))))
 
@@ -231,30 +291,82 @@ def _combo_dir(out: Path, size: int, method: str) -> Path:
 
 # --- the build ---------------------------------------------------------------------------------------------
 
+def _check_paths(c: BuildConfig, out: Path) -> None:
+    """The build never writes where it reads: --out may not be a source, lie inside a source folder (the output
+    would join the source, and a later listing of it), or hold a source folder; a source file (an archive) may
+    not lie where the build writes or replaces (out/.build, out/<size>_<method>/). Symbolic links are
+    resolved first."""
+    real_out = Path(os.path.realpath(out))
+    owned = [real_out / WORK, real_out / LOCK] + [real_out / f"{s}_{m}" for s, m in c.resize.combos]
+    for flag, src in (("--folder", c.folder), ("--train", c.train), ("--val", c.val), ("--devkit", c.devkit)):
+        if not src:
+            continue
+        real = Path(os.path.realpath(src))
+        if real == real_out:
+            raise BuildError(f"--out {out} is {flag} {src}: the build would write into its own source; choose "
+                             "another --out")
+        if real_out.is_relative_to(real):
+            raise BuildError(f"--out {out} is inside {flag} {src}: the output would be written into the source "
+                             "(and read as part of it next time); choose an --out outside it")
+        if real.is_dir() and real.is_relative_to(real_out):
+            raise BuildError(f"{flag} {src} is inside --out {out}, where the build writes: move it, or choose "
+                             "another --out")
+        if any(real.is_relative_to(o) for o in owned):
+            raise BuildError(f"{flag} {src} is inside {out}'s build folders, which the build replaces: move it")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.2f} MB"
+
+
+def _check_disk(c: BuildConfig, out: Path, splits: dict[str, Listing]) -> None:
+    """Refuse, before anything is allocated, a build that cannot fit: the work arrays (which become the native
+    files) plus one copy per official format, less what an interrupted build already holds in out/.build."""
+    images = sum(len(lst.records) for lst in splits.values())
+    work = sum(native._HEADER_BYTES + len(lst.records) * 3 * s * s for lst in splits.values()
+               for s, _ in c.resize.combos)
+    need = work * (1 + len([f for f in c.formats if f != "native"]))
+    have = 0
+    if (out / WORK).is_dir():
+        have = sum(p.stat().st_blocks * 512 for p in (out / WORK).iterdir() if p.is_file())
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need - have > free:
+        raise BuildError(f"{out}: the build needs about {_gb(need - have)} ({images:,} images x sizes "
+                         f"{', '.join(map(str, c.sizes))} x {len(c.methods)} method(s) x {len(c.formats)} "
+                         f"format(s)), the disk has {_gb(free)} free: free space, or build fewer sizes or "
+                         "formats at a time")
+
+
 def build(c: BuildConfig) -> dict:
     """Build every (size, method) of ``c``; returns {"<size>_<method>": manifest}."""
     out = Path(c.out)
     t0 = time.perf_counter()
+    # Everything that can be checked before a byte is written is: the paths, the sources, the disk.
+    _check_paths(c, out)
+    if c.verify:
+        for p in (c.train, c.val, c.devkit):
+            if p and Path(p).is_file():
+                imagenet_source.verify_md5(p)
+    splits, origin = _listings(c)
+    problems = [(s, k, why) for s, lst in splits.items() for k, why in lst.problems]
+    if problems and not c.skip_bad:
+        s, k, why = problems[0]
+        raise BuildError(f"{k}: {why} ({len(problems)} such entries; --skip-bad skips them and lists them "
+                         "in the manifest)")
+    count_msgs = _check_counts(c, splits)
+    if count_msgs and not c.allow_partial:
+        raise BuildError("incomplete ILSVRC-2012: " + "; ".join(count_msgs) + " (--allow-partial builds it "
+                         "anyway)")
+    for m in count_msgs if not c.quiet else []:
+        print(f"warning: {m}", file=sys.stderr)
+    empty = [s for s, lst in splits.items() if not lst.records]
+    if empty:
+        raise BuildError(f"no images found for {', '.join(empty)}")
+    _check_disk(c, out, splits)
     with _lock(out):
-        if c.verify:
-            for p in (c.train, c.val, c.devkit):
-                if p and Path(p).is_file():
-                    imagenet_source.verify_md5(p)
-        splits, origin = _listings(c)
-        problems = [(s, k, why) for s, lst in splits.items() for k, why in lst.problems]
-        if problems and not c.skip_bad:
-            s, k, why = problems[0]
-            raise BuildError(f"{k}: {why} ({len(problems)} such entries; --skip-bad skips them and lists them "
-                             "in the manifest)")
-        count_msgs = _check_counts(c, splits)
-        if count_msgs and not c.allow_partial:
-            raise BuildError("incomplete ILSVRC-2012: " + "; ".join(count_msgs) + " (--allow-partial builds it "
-                             "anyway)")
-        for m in count_msgs if not c.quiet else []:
-            print(f"warning: {m}", file=sys.stderr)
-        empty = [s for s, lst in splits.items() if not lst.records]
-        if empty:
-            raise BuildError(f"no images found for {', '.join(empty)}")
         try:
             result = _build_locked(c, out, splits, origin)
         except OSError as e:
@@ -265,8 +377,8 @@ def build(c: BuildConfig) -> dict:
     if not c.quiet:
         m = next(iter(result.values()))
         counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items())
-        print(f"built {', '.join(result)} in {out}: {counts} images; {len(m['converted'])} converted, "
-              f"{len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
+        print(f"built {', '.join(result)} in {printable(str(out))}: {counts} images; {len(m['converted'])} "
+              f"converted, {len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
               f"{time.perf_counter() - t0:.0f} s")
     return result
 
@@ -278,11 +390,18 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
     workers = c.workers or os.cpu_count() or 1
     total = sum(len(lst.records) for lst in splits.values())
     if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan.get("digest") != digest:
+        try:
+            plan = json.loads(plan_path.read_bytes().decode("utf-8"))
+            saved_digest, rows_per_chunk = plan["digest"], plan["rows_per_chunk"]
+            if not isinstance(rows_per_chunk, int) or isinstance(rows_per_chunk, bool) or rows_per_chunk < 1:
+                raise ValueError(f"rows_per_chunk {rows_per_chunk!r}")
+        except (ValueError, KeyError, TypeError) as e:  # written atomically, so damaged by something else
+            raise BuildError(f"{plan_path}: the unfinished build's plan is damaged ({type(e).__name__}: {e}); "
+                             f"remove {work} to start over") from None
+        if saved_digest != digest:
             raise BuildError(f"{out}: holds an unfinished build with other settings or inputs; run the same "
                              f"command again to finish it, or remove {work} to start over")
-        rows_per_chunk = plan["rows_per_chunk"]  # the journal's chunk numbers mean these bounds
+        # rows_per_chunk: the journal's chunk numbers mean these bounds
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -297,9 +416,9 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
         for line in journal_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the kill: that chunk is done again
-            done[(entry["split"], entry["chunk"])] = entry
+                done[(entry["split"], entry["chunk"])] = entry
+            except (ValueError, KeyError, TypeError):
+                break  # a line cut by the kill: that chunk (and any after it) is done again
     arrays = {}
     for split, lst in splits.items():
         for size, method in r.combos:
@@ -336,7 +455,7 @@ def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict
     bar = tqdm(total=total, initial=already, unit="img", disable=c.quiet, smoothing=0.05, desc="build")
     ctx = multiprocessing.get_context("spawn")  # no inherited file descriptors (the lock) in the workers
     with open(journal_path, "a") as journal, cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(c.max_image_pixels,)) as pool:
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(c.max_image_pixels, os.getpid())) as pool:
         pending: dict[cf.Future, int] = {}
         it = iter(tasks)
         try:
@@ -429,12 +548,14 @@ def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, 
             "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("quiet",)},
             "versions": {**versions(with_torch=False), "libjpeg": _libjpeg_version()}, "source": origin,
             "label_order": "devkit" if table is IMAGENET else "sorted class folders",
+            "wnids": list(table.wnids), "names": list(table.names),  # the class table: label k is wnids[k - 1]
             "counts": {split: int(len(lab)) for split, lab in labels.items()},
             "per_class": {split: {table.wnids[k - 1]: int(v) for k, v in sorted(Counter(lab.tolist()).items())}
                           for split, lab in labels.items()},
             "converted": [list(x) for x in notes], "skipped": [list(x) for x in skipped],
             "ignored": sorted(list(x) for lst in splits.values() for x in lst.ignored),
-            "files": {str(p.relative_to(dst)): _sha256(p) for p in sorted(dst.rglob("*")) if p.is_file()},
+            "files": {str(p.relative_to(dst)): _sha256(p) for p in sorted(dst.rglob("*"))
+                      if p.is_file() and p != dst / "manifest.json"},  # convert's, replaced by this one
         }
         with atomic_write(dst / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)

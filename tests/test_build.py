@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,12 +315,18 @@ def test_sigkill_and_resume_is_byte_identical(rel, tmp_path):
     assert not (killed / ".build").exists()
 
 
-def test_disk_full_fails_cleanly(rel, tmp_path):
+def test_disk_full_fails_cleanly(rel, tmp_path, monkeypatch):
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     try:
+        # the check before the build refuses it, writing nothing
+        with pytest.raises(BuildError, match=r"needs about 0.66 MB \(27 images x sizes 64 .*has 0.10 MB free"):
+            build(BuildConfig(out=str(mnt / "o"), train=str(rel.train_tar), sizes=(64,), **QUIET))
+        assert not (mnt / "o").exists()
+        # space that goes while the build runs (another program filling the disk): the disk fills mid-build
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
         with pytest.raises(BuildError, match="disk is full"):
             build(BuildConfig(out=str(mnt / "o"), train=str(rel.train_tar), sizes=(64,), **QUIET))
         assert not (mnt / "o" / ".build").exists()
@@ -327,6 +334,133 @@ def test_disk_full_fails_cleanly(rel, tmp_path):
     finally:
         if subprocess.run(["umount", str(mnt)]).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_build_larger_than_the_free_disk_is_refused_before_writing(rel, tmp_path, monkeypatch, capsys):
+    from dsimagenet.cli import main
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10**6))  # 1 MB free
+    n = len(rel.train) + len(rel.val)
+    need = (n * (128 * 128 * 3 + 256 * 256 * 3) + 4 * 128) * 2  # 4 arrays (2 splits x 2 sizes), native + pickle
+    with pytest.raises(BuildError, match=rf"needs about {need / 1e6:.2f} MB \({n} images x sizes 128, 256 "
+                                         r"x 1 method\(s\) x 2 format\(s\)\), the disk has 1.00 MB free"):
+        build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), val=str(rel.val_tar),
+                          sizes=(128, 256), **QUIET))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1000))
+    argv = ["build", "--train", str(rel.train_tar), "--val", str(rel.val_tar), "--out", str(tmp_path / "o"),
+            "--sizes", "128", "256", "--allow-partial", "--workers", "1", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the disk has {(need - 1000) / 1e6:.2f} MB free" in err
+    assert not (tmp_path / "o").exists()  # nothing was created: no sparse work arrays, no lock file
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need + 1000))
+    build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), val=str(rel.val_tar),
+                      sizes=(128, 256), **QUIET))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sizes", (100000,), "--sizes: 100000 is larger than 1024"),
+    ("sizes", (0, 8), "--sizes must be positive whole numbers"),
+    ("sizes", (8, 8), "--sizes lists a value twice"),
+    ("sizes", tuple(range(1, 12)), r"--sizes x --methods: 11 x 6 = 66 outputs, at most 64"),
+    ("methods", (), "--methods: give at least one"),
+    ("methods", ("cubic",), "--methods: unknown methods"),
+    ("formats", ("pickle", "pickle"), "--formats lists a value twice"),
+    ("formats", ("jpeg",), "--formats must be among"),
+    ("aspect", "pad", "--aspect must be one of"),
+    ("workers", 0, r"--workers must be 1..1,024 \(or left out\), not 0"),
+    ("workers", 100_000, "--workers must be 1..1,024"),
+    ("max_image_pixels", 0, "--max-image-pixels must be a whole number >= 1"),
+    ("chunk_rows", 0, "--chunk-rows must be 1..1,048,576"),
+    ("chunk_rows", 1 << 20, "--chunk-rows 1048576: .* at most 1024 MB"),
+    ("seed", -1, "--seed must be a whole number >= 0, not -1"),
+    ("devkit", "ILSVRC2012_devkit_t12.tar.gz", "--devkit labels the validation images: give --val too"),
+])
+def test_every_setting_is_checked_before_anything_is_written(rel, tmp_path, field, value, message):
+    from dsimagenet.errors import ConfigError
+
+    kwargs = dict(out=str(tmp_path / "o"), train=str(rel.train_tar), quiet=True, allow_partial=True)
+    if field == "sizes" and len(value) > 2:
+        kwargs["methods"] = tuple(METHODS)
+    kwargs[field] = value
+    with pytest.raises(ConfigError, match=message):
+        build(BuildConfig(**kwargs))
+    assert not (tmp_path / "o").exists()
+
+
+def test_sizes_100000_on_the_command_line_is_one_line(rel, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dsimagenet", "build", "--train", str(rel.train_tar), "--out",
+                        str(tmp_path / "o"), "--sizes", "100000", "--allow-partial"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--sizes: 100000 is larger than 1024" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _folder_source(root: Path) -> Path:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (9, 7), (10, 20, 30)).save(root / c / "a.png")
+    return root
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "through a link", "source inside out", "tar in .build"])
+def test_out_never_overlaps_a_source(rel, tmp_path, where):
+    data = _folder_source(tmp_path / "data")
+    kwargs = dict(folder=str(data), out=str(data / "ds"), sizes=(8,), quiet=True, workers=1)
+    if where == "same":
+        kwargs["out"] = str(data)
+    elif where == "through a link":
+        (tmp_path / "alias").symlink_to(data, target_is_directory=True)
+        kwargs["out"] = str(tmp_path / "alias" / "ds")
+    elif where == "source inside out":
+        kwargs["out"] = str(tmp_path)
+    elif where == "tar in .build":
+        (tmp_path / "o" / ".build").mkdir(parents=True)
+        shutil.copy(rel.train_tar, tmp_path / "o" / ".build" / "train.tar")
+        kwargs = dict(train=str(tmp_path / "o" / ".build" / "train.tar"), out=str(tmp_path / "o"), sizes=(8,),
+                      quiet=True, workers=1, allow_partial=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(BuildError, match="--out .* is inside --folder|--out .* is --folder|--folder .* is inside "
+                                         "--out|--train .* is inside .*build folders"):
+        build(BuildConfig(**kwargs))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_an_archive_beside_the_output_is_fine(rel, tmp_path):
+    shutil.copy(rel.train_tar, tmp_path / "ILSVRC2012_img_train.tar")  # ~/imagenet/*.tar, --out ~/imagenet
+    build(BuildConfig(out=str(tmp_path), train=str(tmp_path / "ILSVRC2012_img_train.tar"), sizes=(8,), **QUIET))
+    assert (tmp_path / "8_box" / "manifest.json").exists()
+
+
+def test_fuzzed_images_fail_the_build_naming_them_or_are_skipped(tmp_path):
+    from test_resize import dds_with_unknown_pixel_format, tiff_with_float_strip_offsets
+
+    data = _folder_source(tmp_path / "data")
+    (data / "cat" / "photo.jpg").write_bytes(dds_with_unknown_pixel_format())  # a DDS named .jpg
+    (data / "dog" / "scan.tif").write_bytes(tiff_with_float_strip_offsets())
+    with pytest.raises(BuildError, match=r"cat/photo.jpg: not an image Pillow can read|dog/scan.tif: damaged"):
+        build(BuildConfig(out=str(tmp_path / "o"), folder=str(data), sizes=(8,), quiet=True, workers=1))
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(data), sizes=(8,), quiet=True, workers=1, skip_bad=True))
+    manifest = json.loads((tmp_path / "o" / "8_box" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 2
+    assert [k for k, _ in manifest["skipped"]] == ["cat/photo.jpg", "dog/scan.tif"]
+    assert "TypeError" in manifest["skipped"][1][1]
+
+
+def test_a_subset_tree_of_links_builds_as_the_real_one(rel, tmp_path):
+    sub = tmp_path / "sub"
+    for c in CLASSES[:2]:
+        (sub / c).mkdir(parents=True)
+        for f in sorted((rel.train_dir / c).iterdir()):
+            (sub / c / f.name).symlink_to(f)
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(sub), sizes=(8,), formats=("native",), **QUIET))
+    ds = open_dataset(tmp_path / "o" / "8_box")
+    order = expected_train_order([k for k in rel.train if k.split("/")[0] in CLASSES[:2]])
+    assert len(ds) == len(order)
+    for i, key in enumerate(order):
+        np.testing.assert_array_equal(ds.data[i], reference(rel.train[key], 8, "box"), err_msg=key)
 
 
 def test_interrupted_while_finishing_resumes_identically(rel, tmp_path, monkeypatch):
@@ -367,3 +501,85 @@ def test_a_dying_worker_fails_the_build_quickly(rel, tmp_path):
     t = time.time()
     _, err = p.communicate(timeout=30)
     assert p.returncode != 0 and "worker process died" in err and time.time() - t < 15
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``tag``: the build and every process it started."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if tag.encode() in (d / "environ").read_bytes().split(b"\0"):
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(d.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill_early_and_count_leftovers(rel, out: Path, moment: int, extra_polls: int) -> list[int]:
+    """Start a build, SIGKILL it at an early moment (0: its first child exists; 1: two workers exist; 2: the
+    journal exists), ``extra_polls`` polls later; return the pids of its processes still alive 60 s on."""
+    tag = f"DSIMAGENET_TEST_BUILD={out}"
+    env = {**os.environ, tag.split("=", 1)[0]: tag.split("=", 1)[1]}
+    p = subprocess.Popen(_cli(rel, out, "--workers", "2"), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+
+    def reached() -> bool:
+        if moment == 0:
+            return bool(_children(p.pid))
+        if moment == 1:
+            return sum("spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+                       for c in _children(p.pid) if Path(f"/proc/{c}").exists()) >= 2
+        return (out / ".build" / "done.jsonl").exists()
+
+    while p.poll() is None and time.time() < deadline and not reached():
+        time.sleep(0.001)
+    for _ in range(extra_polls):
+        _children(p.pid)  # a moment a little later, measured in work rather than time
+    p.kill()
+    p.wait()
+    deadline = time.time() + 60
+    while (left := _tagged(tag)) and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in left:  # do not leave them behind for the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_build_killed_while_its_workers_start_leaves_none_behind(rel, tmp_path):
+    left = {(m, k): _kill_early_and_count_leftovers(rel, tmp_path / f"o{m}{k}", m, k)
+            for m, k in ((0, 0), (1, 0), (1, 30), (1, 300), (2, 0))}
+    assert not any(left.values()), left
+
+
+@pytest.mark.reliability
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_40_early_kills_leave_no_worker_behind(rel, tmp_path):
+    import random
+
+    rng = random.Random(5)
+    left = {}
+    for i in range(40):
+        m, k = rng.choice((0, 0, 1, 2)), rng.choice((0, 0, 10, 100, 1000))
+        left[(i, m, k)] = _kill_early_and_count_leftovers(rel, tmp_path / f"o{i}", m, k)
+    assert not any(left.values()), {k: v for k, v in left.items() if v}
+
+
+def test_a_damaged_plan_of_an_unfinished_build_is_named(rel, tmp_path):
+    out = tmp_path / "o"
+    (out / ".build").mkdir(parents=True)
+    for junk in (b"{\"digest\": ", b"null", b"{\"digest\": \"x\"}", b"\xff\xfe"):
+        (out / ".build" / "plan.json").write_bytes(junk)
+        with pytest.raises(BuildError, match=r"plan.json: the unfinished build's plan is damaged .*remove .*\.build"):
+            build(BuildConfig(out=str(out), train=str(rel.train_tar), sizes=(8,), **QUIET))

@@ -1,24 +1,117 @@
 """Any class-folder tree as a source: ``root/train/<class>/<image>`` with an optional ``root/val/<class>/...``,
 or just ``root/<class>/<image>`` (train only). Classes are sorted and labelled 1..C; a tree whose class names
 are ILSVRC-2012 WNIDs is ImageNet, labelled with devkit IDs.
+
+Symbolic links are followed, to files and to folders, as torchvision's ImageFolder does: subsets such as
+ImageNet-100 are usually trees of links into one copy of ImageNet. A link back to a folder above it (a loop) is
+an error naming it; a dangling link is a bad entry naming it. A folder that cannot be read is an error, never a
+class with fewer images, and so is a class folder with no image in it (torchvision refuses it too).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from dsimagenet.labels import IMAGENET
-from dsimagenet.sources.records import Listing, Record, SourceError, is_image_name
+from dsimagenet.sources.records import Listing, Record, SourceError, is_image_name, name_problem, printable
 
 
-def class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def scan(path: Path) -> list[os.DirEntry]:
+    """The entries of one folder, sorted by name; a folder that cannot be listed is an error naming it (never
+    an empty folder: that would silently drop its images)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise SourceError(f"{printable(str(path))}: cannot list this folder: {e.strerror or e}") from None
+
+
+def follow(entry: os.DirEntry) -> tuple[os.stat_result | None, str | None]:
+    """The stat of what ``entry`` is, links followed; or None and why (a dangling link, a link loop)."""
+    try:
+        return entry.stat(follow_symlinks=True), None
+    except OSError as e:
+        if entry.is_symlink():
+            try:
+                target = os.readlink(entry.path)
+            except OSError:
+                target = "?"
+            return None, f"a symbolic link to {printable(target)!r}, which cannot be followed: {e.strerror or e}"
+        return None, f"cannot be read: {e.strerror or e}"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def walk_images(top: Path, prefix: str, listing: Listing, label: int, above: tuple[tuple[int, int], ...]) -> int:
+    """Add every image under the folder ``top`` to ``listing`` as ``prefix/<relative path>``, links followed;
+    ``above`` holds the identities of the folders above ``top`` (a link to one of them is a loop). Returns the
+    number of entries added (records and problems)."""
+    added = 0
+    stack = [(top, prefix, (*above, _identity(top.stat())))]
+    while stack:  # no recursion: a deep tree must not hit Python's recursion limit
+        folder, rel_folder, chain = stack.pop()
+        for entry in scan(folder):
+            rel = f"{rel_folder}/{printable(entry.name)}"
+            where = printable(entry.path)
+            st, why = follow(entry)
+            if st is None:
+                listing.problems.append((rel, why))
+                added += 1
+            elif stat.S_ISDIR(st.st_mode):
+                if _identity(st) in chain:
+                    target = printable(os.path.realpath(entry.path))
+                    raise SourceError(f"{where}: a link back to {target}, a folder above it: a loop; remove the link")
+                if (why := name_problem(entry.name)) is not None:
+                    listing.problems.append((rel + "/", why.replace("its name", "this folder's name")
+                                             + "; nothing in it is read"))
+                    added += 1
+                    continue
+                stack.append((Path(entry.path), rel, (*chain, _identity(st))))
+            elif not is_image_name(entry.name):
+                listing.ignored.append((rel, "not an image file name"))
+            elif (why := name_problem(entry.name)) is not None:
+                listing.problems.append((rel, why))
+                added += 1
+            elif not stat.S_ISREG(st.st_mode):  # a FIFO named .jpg would block the read forever
+                listing.problems.append((rel, "not a regular file"))
+                added += 1
+            else:
+                listing.records.append(Record(rel, label, entry.path, 0, st.st_size))
+                added += 1
+    return added
+
+
+def class_dirs(root: Path, listing: Listing | None = None) -> list[Path]:
+    """The class folders of ``root`` (links followed, hidden ones left out), sorted; other entries go to
+    ``listing`` as ignored (files) or problems (dangling links)."""
+    dirs = []
+    for entry in scan(root):
+        if entry.name.startswith("."):
+            continue
+        st, why = follow(entry)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            if name_problem(entry.name) is not None:
+                raise SourceError(f"{printable(entry.path)}: a class folder whose name is not valid UTF-8: the "
+                                  "class name goes into the dataset's class table; rename it")
+            dirs.append(Path(entry.path))
+        elif listing is not None:
+            if st is None:
+                listing.problems.append((printable(entry.name), why))
+            else:
+                listing.ignored.append((printable(entry.name), "not in a class folder"))
+    return dirs
 
 
 def list_class_tree(root: Path, wnids: list[str] | None = None) -> Listing:
-    """Every image under ``root/<class>/`` (recursively), sorted. ``wnids`` fixes the class list (val uses
-    train's); otherwise it is the sorted folder names, or ImageNet's when they are all ILSVRC-2012 WNIDs."""
-    dirs = class_dirs(root)
+    """Every image under ``root/<class>/`` (recursively, links followed), sorted. ``wnids`` fixes the class list
+    (val uses train's); otherwise it is the sorted folder names, or ImageNet's when they are all ILSVRC-2012
+    WNIDs."""
+    placeholder = Listing([], [], False)
+    dirs = class_dirs(root, placeholder)
     if not dirs:
         raise SourceError(f"{root}: expected one folder per class (root/<class>/<image>), found none")
     names = [d.name for d in dirs]
@@ -29,18 +122,13 @@ def list_class_tree(root: Path, wnids: list[str] | None = None) -> Listing:
     unknown = [n for n in names if n not in label_of]
     if unknown:
         raise SourceError(f"{root}: classes {unknown[:5]} are not among the training classes")
-    listing = Listing([], list(wnids), imagenet)
-    for d in dirs:
-        for p in sorted(d.rglob("*")):
-            rel = f"{d.name}/{p.relative_to(d).as_posix()}"
-            if p.is_symlink():
-                listing.problems.append((rel, "a symbolic link (links are not followed)"))
-            elif not p.is_file():
-                continue
-            elif not is_image_name(p.name):
-                listing.ignored.append((rel, "not an image file name"))
-            else:
-                listing.records.append(Record(rel, label_of[d.name], str(p), 0, p.stat().st_size))
+    listing = Listing([], list(wnids), imagenet, placeholder.problems, placeholder.ignored)
+    root_id = _identity(root.stat())
+    empty = [d.name for d in dirs if walk_images(d, d.name, listing, label_of[d.name], (root_id,)) == 0]
+    if empty:
+        raise SourceError(f"{root}: {len(empty)} class folder(s) with no image in them: {', '.join(empty[:10])}"
+                          f"{' ...' if len(empty) > 10 else ''} (a class needs at least one image; torchvision's "
+                          "ImageFolder refuses them too): remove them, or add their images")
     listing.records.sort()
     return listing
 

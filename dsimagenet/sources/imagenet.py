@@ -13,15 +13,26 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import re
+import stat
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from dsimagenet.labels import IMAGENET, NUM_VAL_IMAGES, val_ground_truth
-from dsimagenet.sources.folder import list_class_tree
-from dsimagenet.sources.records import Listing, Record, SourceError, is_image_name, member_problem, tar_members
+from dsimagenet.sources.folder import follow, list_class_tree, scan
+from dsimagenet.sources.records import (
+    Listing,
+    Record,
+    SourceError,
+    drop_duplicate_keys,
+    is_image_name,
+    member_problem,
+    printable,
+    tar_members,
+)
 
 NUM_TRAIN_IMAGES = 1_281_167
 KAGGLE_TRAIN = Path("ILSVRC/Data/CLS-LOC/train")
@@ -38,9 +49,9 @@ def _class_tar(listing: Listing, f, where: str, wnid: str, base: int, limit: int
         key = f"{wnid}/{m.name}"
         if (problem := member_problem(m)) is not None:
             if not m.isdir():
-                listing.problems.append((f"{where}:{m.name}", problem))
+                listing.problems.append((f"{where}:{printable(m.name)}", problem))
         elif not is_image_name(m.name):
-            listing.ignored.append((f"{where}:{m.name}", "not an image file name"))
+            listing.ignored.append((f"{where}:{printable(m.name)}", "not an image file name"))
         else:
             listing.records.append(Record(key, label, str(f.name), offset, m.size))
 
@@ -63,28 +74,67 @@ def list_train(path: str | Path) -> Listing:
                 if m.isdir():
                     continue
                 if wnid is None or not m.isfile():
-                    listing.problems.append((f"{path}:{m.name}", "not a class tar <wnid>.tar"))
+                    listing.problems.append((f"{path}:{printable(m.name)}", "not a class tar <wnid>.tar"))
                     continue
                 _class_tar(listing, f, f"{path}:{m.name}", wnid, offset, offset + m.size)
         listing.records.sort()
+        drop_duplicate_keys(listing)  # e.g. a class tar twice in the train tar
         return listing
     if (path / KAGGLE_TRAIN).is_dir():
         path = path / KAGGLE_TRAIN
-    tars = sorted(p for p in path.glob("*.tar") if _wnid_of(p.name))
-    dirs = [p for p in path.iterdir() if p.is_dir()]
+    entries = [(e, *follow(e)) for e in scan(path)]  # links followed, as in every tree the user points at
+    tars = [Path(e.path) for e, st, _ in entries if st is not None and not stat.S_ISDIR(st.st_mode)
+            and _wnid_of(e.name)]
+    dirs = [e for e, st, _ in entries if st is not None and stat.S_ISDIR(st.st_mode)]
     if tars and not dirs:
         for t in tars:
             with open(t, "rb") as f:
-                _class_tar(listing, f, str(t), t.name[:-4], 0, t.stat().st_size)
+                _class_tar(listing, f, str(t), t.name[:-4], 0, os.fstat(f.fileno()).st_size)
+        listing.problems += [(printable(e.path), why) for e, st, why in entries if st is None]
         listing.records.sort()
+        drop_duplicate_keys(listing)
         return listing
     if not dirs:
         raise SourceError(f"--train {path}: expected <wnid>/ class folders or <wnid>.tar files here, found neither")
-    not_wnids = [d.name for d in dirs if d.name not in IMAGENET and not d.name.startswith(".")]
+    not_wnids = [printable(d.name) for d in dirs if d.name not in IMAGENET and not d.name.startswith(".")]
     if not_wnids:
         raise SourceError(f"--train {path}: {not_wnids[:3]} are not ILSVRC-2012 WNIDs (for another dataset use "
                           "--folder)")
     return list_class_tree(path, list(IMAGENET.wnids))
+
+
+# The devkit's two files are 0.3 MB each and it holds a few dozen members: anything far larger is not a devkit,
+# and is refused before it is read into memory.
+_DEVKIT_MEMBER_BYTES = 16 << 20
+_DEVKIT_MEMBERS = 10_000
+
+
+def _devkit_members(path: Path) -> tuple[bytes, bytes]:
+    """meta.mat and the ground truth's bytes. A truncated or corrupt .tar.gz fails in gzip, zlib or tarfile,
+    each with its own exception: all of them are this file's fault."""
+    import zlib
+
+    want = {"data/meta.mat": None, "data/ILSVRC2012_validation_ground_truth.txt": None}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for n, m in enumerate(tf):
+                if n >= _DEVKIT_MEMBERS:
+                    raise SourceError(f"--devkit {path}: more than {_DEVKIT_MEMBERS:,} members: not the devkit")
+                tail = "/".join(m.name.rsplit("/", 2)[-2:])
+                if m.isfile() and tail in want and want[tail] is None:
+                    if m.size > _DEVKIT_MEMBER_BYTES:
+                        raise SourceError(f"--devkit {path}: {printable(m.name)} holds {m.size:,} bytes, the "
+                                          f"devkit's holds about 0.3 MB: not the devkit")
+                    want[tail] = tf.extractfile(m).read()
+                    if all(v is not None for v in want.values()):
+                        break
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
+        raise SourceError(f"--devkit {path}: not a readable tar.gz (truncated or damaged?): {e}") from None
+    missing = [k for k, v in want.items() if v is None]
+    if missing:
+        raise SourceError(f"--devkit {path}: expected data/meta.mat and "
+                          f"data/ILSVRC2012_validation_ground_truth.txt inside; {' and '.join(missing)} not found")
+    return want["data/meta.mat"], want["data/ILSVRC2012_validation_ground_truth.txt"]
 
 
 def parse_devkit(path: str | Path) -> np.ndarray:
@@ -95,50 +145,63 @@ def parse_devkit(path: str | Path) -> np.ndarray:
     import scipy.io
 
     path = Path(path)
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            members = {m.name.rsplit("/", 2)[-2] + "/" + m.name.rsplit("/", 1)[-1]: m for m in tf.getmembers()
-                       if m.isfile() and m.name.count("/") >= 1}
-            meta_m = members.get("data/meta.mat")
-            gt_m = members.get("data/ILSVRC2012_validation_ground_truth.txt")
-            if meta_m is None or gt_m is None:
-                raise SourceError(f"--devkit {path}: expected data/meta.mat and "
-                                  "data/ILSVRC2012_validation_ground_truth.txt inside")
-            meta_bytes = tf.extractfile(meta_m).read()
-            gt_text = tf.extractfile(gt_m).read().decode()
-    except tarfile.TarError as e:
-        raise SourceError(f"--devkit {path}: not a readable tar.gz: {e}") from None
+    meta_bytes, gt_bytes = _devkit_members(path)
     try:
         synsets = scipy.io.loadmat(io.BytesIO(meta_bytes), squeeze_me=True)["synsets"]
         ids = np.asarray(synsets["ILSVRC2012_ID"], dtype=np.int64)
         wnids = [str(w) for w in synsets["WNID"]]
         leaves = np.asarray(synsets["num_children"]) == 0
-    except (KeyError, ValueError, TypeError) as e:
-        raise SourceError(f"--devkit {path}: data/meta.mat has no usable 'synsets' table: {e}") from None
-    wnid_of_id = {int(i): w for i, w, leaf in zip(ids, wnids, leaves, strict=True) if leaf}
+        wnid_of_id = {int(i): w for i, w, leaf in zip(ids, wnids, leaves, strict=True) if leaf}
+    except Exception as e:  # noqa: BLE001 - scipy's MAT parser raises many types on a damaged file
+        raise SourceError(f"--devkit {path}: data/meta.mat is damaged or has no usable 'synsets' table "
+                          f"({type(e).__name__}: {e})") from None
     if len(wnid_of_id) != 1000:
         raise SourceError(f"--devkit {path}: meta.mat lists {len(wnid_of_id)} leaf classes, expected 1000")
-    lines = [x for x in gt_text.split() if x]
+    try:
+        lines = gt_bytes.decode("ascii").split()
+    except UnicodeDecodeError as e:
+        raise SourceError(f"--devkit {path}: the validation ground truth is not text (byte {e.start})") from None
     if len(lines) != NUM_VAL_IMAGES:
         raise SourceError(f"--devkit {path}: the validation ground truth has {len(lines):,} lines, expected "
                           f"{NUM_VAL_IMAGES:,}")
-    try:
-        return np.array([IMAGENET.devkit_id(wnid_of_id[int(x)]) for x in lines], dtype=np.int16)
-    except (KeyError, ValueError) as e:
-        raise SourceError(f"--devkit {path}: ground truth ID {e} is not a class of meta.mat") from None
+    out = np.zeros(NUM_VAL_IMAGES, np.int16)
+    for k, x in enumerate(lines):
+        wnid = wnid_of_id.get(int(x)) if x.isdigit() else None
+        if wnid is None or wnid not in IMAGENET:
+            raise SourceError(f"--devkit {path}: line {k + 1} of the validation ground truth, {x[:20]!r}, is not "
+                              "a class ID of meta.mat")
+        out[k] = IMAGENET.devkit_id(wnid)
+    return out
 
 
 def parse_kaggle_csv(path: str | Path) -> np.ndarray:
     """Devkit IDs of val images from Kaggle's LOC_val_solution.csv (the first WNID of each PredictionString);
     0 where an image is not listed."""
     out = np.zeros(NUM_VAL_IMAGES, np.int16)
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                number = int(row["ImageId"].rsplit("_", 1)[1])
-                out[number - 1] = IMAGENET.devkit_id(row["PredictionString"].split()[0])
-            except (KeyError, IndexError, ValueError) as e:
-                raise SourceError(f"{path}: bad row {row}: {e}") from None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+                raise SourceError(f"{path}: expected Kaggle's header 'ImageId,PredictionString', found "
+                                  f"{','.join(reader.fieldnames or [])[:80]!r}")
+            for row in reader:
+                line = reader.line_num
+                image, prediction = row["ImageId"] or "", row["PredictionString"] or ""
+                m = re.fullmatch(r"ILSVRC2012_val_(\d{8})", image)
+                number = int(m.group(1)) if m else 0
+                wnid = prediction.split()[0] if prediction.split() else ""
+                if not 1 <= number <= NUM_VAL_IMAGES or wnid not in IMAGENET:
+                    raise SourceError(f"{path}: line {line}: expected ILSVRC2012_val_00000001..00050000 and a WNID "
+                                      f"first in PredictionString, found {image[:40]!r}, {prediction[:40]!r}")
+                label = IMAGENET.devkit_id(wnid)
+                if out[number - 1] not in (0, label):
+                    raise SourceError(f"{path}: line {line}: {image} is listed twice with different classes")
+                out[number - 1] = label
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 text (byte {e.start} of a block): not Kaggle's "
+                          "LOC_val_solution.csv") from None
+    except csv.Error as e:
+        raise SourceError(f"{path}: not a readable CSV file: {e}") from None
     return out
 
 
@@ -164,7 +227,8 @@ def list_val(path: str | Path, devkit: str | Path | None = None) -> tuple[Listin
         if devkit is None and (path / "LOC_val_solution.csv").exists():
             devkit = path / "LOC_val_solution.csv"
         path = path / KAGGLE_VAL
-    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+    entries = [(e, *follow(e)) for e in scan(path)] if path.is_dir() else []  # links followed
+    if any(st is not None and stat.S_ISDIR(st.st_mode) for _, st, _ in entries):
         return list_class_tree(path, list(IMAGENET.wnids)), "folder names"
     truth, origin = val_labels(devkit)
     listing = Listing([], list(IMAGENET.wnids), True)
@@ -187,16 +251,19 @@ def list_val(path: str | Path, devkit: str | Path | None = None) -> tuple[Listin
                 if m.isdir():
                     continue
                 if (problem := member_problem(m)) is not None:
-                    listing.problems.append((f"{path}:{m.name}", problem))
+                    listing.problems.append((f"{path}:{printable(m.name)}", problem))
                 else:
                     add(Path(m.name).name, f"{path}:{m.name}", str(path), offset, m.size)
     else:
-        for p in sorted(path.iterdir()):
-            if p.is_symlink():
-                listing.problems.append((str(p), "a symbolic link (links are not followed)"))
-            elif p.is_file():
-                add(p.name, str(p), str(p), 0, p.stat().st_size)
+        for e, st, why in entries:
+            if st is None:
+                listing.problems.append((printable(e.path), why))
+            elif not stat.S_ISREG(st.st_mode):
+                listing.problems.append((printable(e.path), "not a regular file"))
+            else:
+                add(printable(e.name), printable(e.path), e.path, 0, st.st_size)
     listing.records.sort()
+    drop_duplicate_keys(listing)  # the same name twice in the val tar (or under two folders in it)
     return listing, origin
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,31 +68,74 @@ class Window:
         return True
 
 
+# Magic numbers of the compressions a tar may come in: records are byte ranges of an uncompressed tar.
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+               b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
 def tar_members(f, where: str, base: int = 0, limit: int | None = None) -> Iterator[tuple[tarfile.TarInfo, int]]:
     """(member, absolute offset of its data) for every member of the tar in ``f`` at ``base``; raises
-    SourceError if a member's data runs past the end (a tar cut in the middle of a member)."""
+    SourceError if a member's data runs past the end (a tar cut in the middle of a member), or if the file is
+    empty, compressed or no tar at all."""
     end = limit if limit is not None else os.fstat(f.fileno()).st_size
     fobj = Window(f, base, end - base) if base or limit is not None else f
+    if end - base == 0:
+        raise SourceError(f"{where}: an empty file (0 bytes), not a tar: the download or copy did not finish")
+    head = os.pread(f.fileno(), 8, base)
+    for magic, (kind, tool) in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise SourceError(f"{where}: a {kind}-compressed file; images are read in place from an "
+                              f"uncompressed tar: decompress it first ({tool})")
     try:
         tf = tarfile.open(fileobj=fobj, mode="r:")
         for m in tf:
             if m.isfile() and base + m.offset_data + m.size > end:
-                raise SourceError(f"{where}: cut short: member {m.name} needs {m.size:,} bytes at "
+                raise SourceError(f"{where}: cut short: member {printable(m.name)} needs {m.size:,} bytes at "
                                   f"{base + m.offset_data:,}, the file ends at {end:,}")
             yield m, base + m.offset_data
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, UnicodeError) as e:
         raise SourceError(f"{where}: not a readable tar file: {e}") from None
 
 
+def printable(name: str) -> str:
+    """A file name fit for a message, a manifest and a key: a name that is not UTF-8 comes from the OS (and from
+    tarfile) with surrogate escapes, which cannot be encoded; they become backslash escapes (b'\\xff' -> \\xff)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file name cannot be used as an image's key, or None."""
+    if printable(name) != name:
+        return "its name is not valid UTF-8 (rename it)"
+    return None
+
+
+def drop_duplicate_keys(listing: Listing) -> None:
+    """Two members of one archive under the same name (extracting it would keep only the last): which one is
+    the image is not known, so every copy is a problem, and the records stay sorted."""
+    counts = Counter(r.key for r in listing.records)
+    dups = {k for k, n in counts.items() if n > 1}
+    if not dups:
+        return
+    for r in listing.records:
+        if r.key in dups:
+            listing.problems.append((f"{r.path}:{r.key}", f"{counts[r.key]} members with this name in the archive"))
+    listing.records = [r for r in listing.records if r.key not in dups]
+
+
 def member_problem(m: tarfile.TarInfo) -> str | None:
-    if m.issym() or m.islnk():
-        return f"a link to {m.linkname!r} (links are not followed)"
+    if m.issym() or m.islnk():  # inside an archive a link is an attack, never a subset: not followed
+        return f"a link to {printable(m.linkname)!r} (links inside archives are not followed)"
     if not m.isfile():
         return "not a regular file"
     name = m.name
     if name.startswith("/") or ".." in Path(name).parts:
         return "an absolute or '..' path"
-    return None
+    return name_problem(name)
 
 
 def is_image_name(name: str) -> bool:

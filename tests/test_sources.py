@@ -1,0 +1,307 @@
+"""The sources on their own: class-folder trees (links followed, loops, unreadable and empty folders, names that
+are not UTF-8), the ILSVRC archives (damaged, compressed, duplicated members) and the devkit / Kaggle labels."""
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from release import CLASSES, make_release, tar_bytes
+
+from dsimagenet.cli import main
+from dsimagenet.labels import IMAGENET, val_ground_truth
+from dsimagenet.sources.folder import list_class_tree, list_folder
+from dsimagenet.sources.imagenet import list_train, list_val, parse_devkit, parse_kaggle_csv
+from dsimagenet.sources.records import SourceError
+
+
+@pytest.fixture(scope="module")
+def rel(tmp_path_factory):
+    return make_release(tmp_path_factory.mktemp("release"))
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the command line in this process; it must fail with exit 1 and one line, no traceback."""
+    assert main(list(argv)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def keys(listing):
+    return [(r.key, r.label, r.size) for r in listing.records]
+
+
+# --- class-folder trees ----------------------------------------------------------------------------------
+
+def test_a_subset_made_of_links_lists_as_the_real_tree(rel, tmp_path):
+    """ImageNet-100 and the like: a tree of links to class folders and to single files, as torchvision's
+    ImageFolder follows them."""
+    sub = tmp_path / "subset"
+    sub.mkdir()
+    (sub / CLASSES[0]).symlink_to(rel.train_dir / CLASSES[0], target_is_directory=True)  # a whole class
+    (sub / CLASSES[1]).mkdir()
+    for f in sorted((rel.train_dir / CLASSES[1]).iterdir()):
+        (sub / CLASSES[1] / f.name).symlink_to(f)  # one link per image
+    want = [k for k in keys(list_class_tree(rel.train_dir, list(IMAGENET.wnids))) if k[0].split("/")[0] in CLASSES[:2]]
+    got = list_class_tree(sub, list(IMAGENET.wnids))
+    assert keys(got) == want and not got.problems
+    assert all(Path(r.path).read_bytes() == rel.train[r.key] for r in got.records)
+
+
+def test_a_link_to_a_folder_above_is_a_loop_named_in_the_error(tmp_path):
+    cls = tmp_path / "data" / "cat"
+    cls.mkdir(parents=True)
+    (cls / "a.png").write_bytes(b"x")
+    (cls / "again").symlink_to(tmp_path / "data", target_is_directory=True)
+    with pytest.raises(SourceError, match=r"cat/again: a link back to .*data, a folder above it: a loop"):
+        list_folder(tmp_path / "data")
+    (cls / "again").unlink()
+    (cls / "self").symlink_to(cls, target_is_directory=True)
+    with pytest.raises(SourceError, match="cat/self: a link back to"):
+        list_folder(tmp_path / "data")
+
+
+def test_a_folder_linked_twice_is_not_a_loop(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "a.png").write_bytes(b"x")
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        (tmp_path / "data" / c / "s").symlink_to(shared, target_is_directory=True)
+    assert [r.key for r in list_folder(tmp_path / "data")["train"].records] == ["cat/s/a.png", "dog/s/a.png"]
+
+
+def test_a_dangling_link_is_a_bad_entry_naming_it(tmp_path):
+    cls = tmp_path / "data" / "cat"
+    cls.mkdir(parents=True)
+    (cls / "a.png").write_bytes(b"x")
+    (cls / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (cls / "me.png").symlink_to(cls / "me.png")  # a link to itself
+    listing = list_folder(tmp_path / "data")["train"]
+    problems = dict(listing.problems)
+    assert "nowhere.png" in problems["cat/gone.png"] and "cannot be followed" in problems["cat/gone.png"]
+    assert "cannot be followed" in problems["cat/me.png"]
+    assert [r.key for r in listing.records] == ["cat/a.png"]
+
+
+def test_an_unreadable_class_folder_is_an_error_not_a_smaller_class(tmp_path, monkeypatch):
+    # tests run as root, whom chmod 000 does not stop: the folder refuses to be listed as it would for a user
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        (tmp_path / "data" / c / "a.png").write_bytes(b"x")
+    locked = str(tmp_path / "data" / "dog")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(SourceError, match=r"data/dog: cannot list this folder: Permission denied"):
+        list_folder(tmp_path / "data")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 folder anyway")
+def test_an_unreadable_class_folder_is_an_error_for_a_user(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        (tmp_path / "data" / c / "a.png").write_bytes(b"x")
+    (tmp_path / "data" / "dog").chmod(0)
+    try:
+        with pytest.raises(SourceError, match="dog: cannot list this folder"):
+            list_folder(tmp_path / "data")
+    finally:
+        (tmp_path / "data" / "dog").chmod(0o755)
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path, capsys):
+    for c, n in (("cat", 2), ("dog", 0), ("emu", 0)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "data" / c / f"{i}.png").write_bytes(b"x")
+    (tmp_path / "data" / "emu" / "notes.txt").write_text("no images here")
+    with pytest.raises(SourceError, match=r"2 class folder\(s\) with no image in them: dog, emu .*remove them"):
+        list_folder(tmp_path / "data")
+    err = cli_error(capsys, "build", "--folder", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert "dog, emu" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_names_that_are_not_utf8(tmp_path, capsys):
+    root = os.fsencode(tmp_path / "data")
+    os.makedirs(root + b"/cat")
+    for name in (b"/cat/a.png", b"/cat/b\xff.png"):
+        with open(root + name, "wb") as f:
+            f.write(b"x")
+    listing = list_folder(tmp_path / "data")["train"]
+    assert [r.key for r in listing.records] == ["cat/a.png"]
+    assert listing.problems == [("cat/b\\xff.png", "its name is not valid UTF-8 (rename it)")]
+    err = cli_error(capsys, "build", "--folder", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert "cat/b\\xff.png: its name is not valid UTF-8" in err
+    os.makedirs(root + b"/d\xe9j\xe0")  # a class name in Latin-1: it would go into the class table
+    with open(root + b"/d\xe9j\xe0/a.png", "wb") as f:
+        f.write(b"x")
+    with pytest.raises(SourceError, match=r"d\\xe9j\\xe0: a class folder whose name is not valid UTF-8"):
+        list_folder(tmp_path / "data")
+
+
+def test_a_fifo_named_like_an_image_is_not_read(tmp_path):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "cat" / "a.png").write_bytes(b"x")
+    os.mkfifo(tmp_path / "data" / "cat" / "pipe.jpg")  # opening it would wait for a writer forever
+    assert list_folder(tmp_path / "data")["train"].problems == [("cat/pipe.jpg", "not a regular file")]
+
+
+def test_imagenet_folders_follow_links(rel, tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    for c in CLASSES:
+        (train / c).symlink_to(rel.train_dir / c, target_is_directory=True)
+    assert keys(list_train(train)) == keys(list_train(rel.train_dir))
+    val = tmp_path / "val"
+    val.mkdir()
+    for f in sorted(rel.val_dir.iterdir()):
+        (val / f.name).symlink_to(f)
+    assert keys(list_val(val)[0]) == keys(list_val(rel.val_dir)[0])
+
+
+# --- archives ------------------------------------------------------------------------------------------------
+
+def _tar_with(names_and_data, fmt=tarfile.GNU_FORMAT, encoding="utf-8"):
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=fmt, encoding=encoding) as t:
+        for name, data in names_and_data:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return b.getvalue()
+
+
+def test_a_tar_member_name_that_is_not_utf8(rel, tmp_path, capsys):
+    good = rel.train[f"{CLASSES[0]}/{CLASSES[0]}_1.JPEG"]
+    inner = _tar_with([("a.JPEG", good), ("b\xff.JPEG", good)], encoding="latin-1")  # byte 0xff in the name
+    outer = tmp_path / "train.tar"
+    outer.write_bytes(tar_bytes({f"{CLASSES[0]}.tar": inner}))
+    listing = list_train(outer)
+    assert [r.key for r in listing.records] == [f"{CLASSES[0]}/a.JPEG"]
+    assert listing.problems == [(f"{outer}:{CLASSES[0]}.tar:b\\xff.JPEG", "its name is not valid UTF-8 (rename it)")]
+    err = cli_error(capsys, "build", "--train", str(outer), "--out", str(tmp_path / "o"), "--allow-partial")
+    assert "b\\xff.JPEG: its name is not valid UTF-8" in err
+
+
+def test_duplicate_names_in_the_val_tar(rel, tmp_path):
+    names = sorted(rel.val)
+    tar = tmp_path / "ILSVRC2012_img_val.tar"
+    tar.write_bytes(_tar_with([(n, rel.val[n]) for n in names] + [(names[0], rel.val[names[1]])]))
+    listing, _ = list_val(tar)
+    assert [r.key for r in listing.records] == names[1:]
+    assert [why for _, why in listing.problems] == ["2 members with this name in the archive"] * 2
+
+
+def test_a_class_tar_twice_in_the_train_tar(rel, tmp_path):
+    files = {n.split("/")[1]: d for n, d in rel.train.items() if n.startswith(CLASSES[0])}
+    outer = tmp_path / "train.tar"
+    outer.write_bytes(_tar_with([(f"{CLASSES[0]}.tar", tar_bytes(files))] * 2))
+    listing = list_train(outer)
+    assert not listing.records and len(listing.problems) == 2 * len(files)
+
+
+def test_empty_compressed_and_cut_tars(rel, tmp_path):
+    import gzip
+
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match=r"empty.tar: an empty file \(0 bytes\), not a tar"):
+        list_train(empty)
+    gz = tmp_path / "ILSVRC2012_img_train.tar.gz"
+    gz.write_bytes(gzip.compress(rel.train_tar.read_bytes()))
+    with pytest.raises(SourceError, match=r"tar.gz: a gzip-compressed file; .*decompress it first \(gunzip\)"):
+        list_train(gz)
+    files = {n.split("/")[1]: d for n, d in rel.train.items() if n.startswith(CLASSES[0])}
+    inner = tar_bytes(files)
+    cut = tmp_path / "cut.tar"  # the class tar inside is cut in the middle of a member
+    cut.write_bytes(tar_bytes({f"{CLASSES[0]}.tar": inner[: len(inner) // 2]}))
+    with pytest.raises(SourceError, match=rf"cut.tar:{CLASSES[0]}.tar: cut short: member"):
+        list_train(cut)
+
+
+# --- labels --------------------------------------------------------------------------------------------------
+
+def test_a_damaged_devkit_is_an_error_naming_it(rel, tmp_path, capsys):
+    data = rel.devkit.read_bytes()
+    bad = tmp_path / "ILSVRC2012_devkit_t12.tar.gz"
+    for cut in (0, 5, 30, len(data) // 3, len(data) // 2, len(data) - 2000):  # gzip, zlib, tar and EOF errors
+        bad.write_bytes(data[:cut])
+        with pytest.raises(SourceError, match=f"--devkit {bad}: "):
+            parse_devkit(bad)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(SourceError, match=f"--devkit {bad}: "):
+        parse_devkit(bad)
+    err = cli_error(capsys, "build", "--val", str(rel.val_tar), "--devkit", str(bad), "--out", str(tmp_path / "o"))
+    assert f"--devkit {bad}" in err
+
+
+def _devkit(path, files):
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/{name}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    path.write_bytes(b.getvalue())
+    return path
+
+
+def test_a_devkit_without_or_with_a_corrupt_meta_mat(rel, tmp_path):
+    with tarfile.open(rel.devkit) as t:
+        real = {m.name.split("/", 1)[1]: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    gt = real["data/ILSVRC2012_validation_ground_truth.txt"]
+    no_meta = _devkit(tmp_path / "a.tar.gz", {"data/ILSVRC2012_validation_ground_truth.txt": gt})
+    with pytest.raises(SourceError, match="data/meta.mat not found"):
+        parse_devkit(no_meta)
+    meta = real["data/meta.mat"]
+    gt_name = "data/ILSVRC2012_validation_ground_truth.txt"
+    for junk in (b"MATLAB 5.0" + b"\x00" * 200, meta[:200], meta[:128] + b"\xff" * 400, b"x" * 10):
+        corrupt = _devkit(tmp_path / "b.tar.gz", {"data/meta.mat": junk, gt_name: gt})
+        with pytest.raises(SourceError, match="data/meta.mat is damaged"):
+            parse_devkit(corrupt)
+    latin = _devkit(tmp_path / "c.tar.gz", {"data/meta.mat": meta, gt_name: gt[:-4] + b"\xe9\n"})
+    with pytest.raises(SourceError, match="ground truth is not text"):
+        parse_devkit(latin)
+    words = _devkit(tmp_path / "d.tar.gz", {"data/meta.mat": meta, gt_name: b"x\n" + gt.split(b"\n", 1)[1]})
+    with pytest.raises(SourceError, match="line 1 of the validation ground truth, 'x', is not a class ID"):
+        parse_devkit(words)
+    huge = _devkit(tmp_path / "e.tar.gz", {f"data/junk{i}": b"" for i in range(10_001)})
+    with pytest.raises(SourceError, match="more than 10,000 members: not the devkit"):
+        parse_devkit(huge)
+
+
+def test_a_malformed_kaggle_csv_is_an_error_naming_it(rel, tmp_path):
+    good = (rel.kaggle / "LOC_val_solution.csv").read_text()
+    header, first, rest = good.split("\n", 2)
+    cases = {
+        "latin1": (good + "ILSVRC2012_val_00000099,n01440764 caf\xe9\n").encode("latin-1"),
+        "nul": (good + "ILSVRC2012_val_00000099,n01\x00440764\n").encode(),
+        "header": ("Id,Label\n" + first + "\n").encode(),
+        "empty": b"",
+        "short row": (good + "ILSVRC2012_val_00000099\n").encode(),
+        "zero": (good + "ILSVRC2012_val_00000000,n01440764 1 2 3 4\n").encode(),  # would label image 50,000
+        "not a wnid": (good + "ILSVRC2012_val_00000099,cat 1 2 3 4\n").encode(),
+        "twice": (good + first.split(",")[0] + ",n01443537 1 2 3 4\n").encode(),
+    }
+    for name, data in cases.items():
+        p = tmp_path / f"{name.replace(' ', '_')}.csv"
+        p.write_bytes(data)
+        with pytest.raises(SourceError, match=f"^{p}: "):
+            parse_kaggle_csv(p)
+    truth = val_ground_truth()
+    p = tmp_path / "ok.csv"
+    p.write_text(good)
+    labels = parse_kaggle_csv(p)
+    assert np.array_equal(labels[:13], truth[:13]) and not labels[13:].any()
