@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dsimagenet.errors import ConfigError
+
 AUGMENTS = ("paper", "flip", "none")
 NORMALIZE = ("mean", "meanstd", None)
 PAD = 4
@@ -42,7 +44,7 @@ class EpochPlan:
 def epoch_plan(n: int, epoch: int, seed: int, augment: str, shuffle: bool) -> EpochPlan:
     """A pure function of its arguments: the same epoch of the same seed is the same on every machine."""
     if augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {AUGMENTS}, not {augment!r}")
+        raise ConfigError(f"augment (--augment) must be one of {AUGMENTS}, not {augment!r}")
     rng = np.random.default_rng([seed, epoch])
     m = 2 * n if augment == "paper" else n
     order = rng.permutation(m) if shuffle else np.arange(m)
@@ -76,12 +78,12 @@ class Stats:
 
 def compute_stats(dataset, normalize: str | None) -> Stats:
     if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, not {normalize!r}")
+        raise ConfigError(f"normalize (--normalize) must be one of {NORMALIZE}, not {normalize!r}")
     if normalize is None:
         return Stats(None, np.zeros(()), np.array(255.0))
     if normalize == "mean":
         if dataset.mean is None:
-            raise ValueError("this split carries no mean image (official val files do not): pass "
+            raise ConfigError("this split carries no mean image (official val files do not): pass "
                              "stats=<the training Loader>.stats")
         return Stats("mean", np.asarray(dataset.mean, np.float64), np.array(255.0))
     s1, s2, n = np.zeros(3), np.zeros(3), 0
@@ -124,11 +126,14 @@ class Loader:
                  channels_last: bool = False, normalize: str | None = "mean", stats: Stats | None = None,
                  resident: bool | None = None, rank: int = 0, world_size: int = 1):
         if augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, not {augment!r}")
+            raise ConfigError(f"augment (--augment) must be one of {AUGMENTS}, not {augment!r}")
         if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+            raise ConfigError(f"batch_size (--batch-size) {batch_size} must be a positive multiple of the number "
+                              f"of processes, {world_size}")
         if len(dataset) == 0:
-            raise ValueError("the dataset is empty")
+            where = f"{getattr(dataset, 'root', 'the dataset')} {getattr(dataset, 'split', '')}".strip()
+            raise ConfigError(f"{where}: no images to load (the split is empty, or --classes / --max-per-class "
+                              "kept none)")
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.augment, self.shuffle, self.seed, self.drop_last = augment, shuffle, seed, drop_last
         self.dtype, self.channels_last, self.rank, self.world_size = dtype, channels_last, rank, world_size

@@ -12,6 +12,10 @@ Native datasets open as memory maps in milliseconds; the official files are unpi
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsimagenet import labels as labels_mod
+from dsimagenet.errors import ConfigError
 from dsimagenet.formats import native, official
 from dsimagenet.labels import IMAGENET, ClassTable
 
@@ -80,53 +85,156 @@ class _Rows:
         return self.buf[: self.n] if self.n * 2 > len(self.buf) else self.buf[: self.n].copy()
 
 
+_PART_RE = re.compile(r"^(.*_part)(\d+)(.*\.zip)$")
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+ASSUMED = "assumed ILSVRC-2012 devkit order (no manifest.json beside the files)"
+
+
+def _zip_parts(path: Path) -> list[Path]:
+    """Imagenet64_train_part1.zip holds batches 1-5 and part2 6-10: a set of zips named alike but for the part
+    number, found by exact name (Imagenet64_train_part1_npz.zip is another set); every part must be there."""
+    m = _PART_RE.match(path.name)
+    if not m:
+        return [path]
+    head, tail = m.group(1), m.group(3)
+    family = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}$")
+    found = {int(f.group(1)) for p in path.parent.iterdir() if (f := family.match(p.name)) and p.is_file()}
+    parts = range(1, max([*found, 2]) + 1)  # the official sets come in two parts at least
+    missing = [path.parent / f"{head}{k}{tail}" for k in parts if k not in found]
+    if missing:
+        raise official.FormatError(f"{missing[0]}: missing: {path.name} is one of {len(parts)} zips "
+                                   f"({head}{parts[0]}{tail} .. {head}{parts[-1]}{tail}) that hold the set together")
+    return [path.parent / f"{head}{k}{tail}" for k in parts]
+
+
+def find_members(path: str | Path) -> list[official.Member]:
+    """Every official batch file at ``path`` (``official.find_members``); a zip that is one part of a set is
+    read with exactly its set's other parts."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path) and _PART_RE.match(path.name):
+        return [m for part in _zip_parts(path) for m in official._zip_members(part)]
+    return official.find_members(path)
+
+
 def detect_format(path: str | Path) -> str:
     """"native", "pickle" or "npz", from the files at ``path``."""
     path = Path(path)
     if path.is_dir() and native.is_native(path):
         return "native"
-    kinds = {m.kind for m in official.find_members(path)}
+    kinds = {m.kind for m in find_members(path)}
+    if not kinds and path.is_file():
+        raise official.FormatError(f"{path}: no official batch files in this zip: expected train_data_batch_1..10 "
+                                   "and/or val_data (pickles, or .npz), at its top or one folder down")
     if not kinds:
         raise FileNotFoundError(f"{path}: no dataset here: expected meta.json (native format), or official "
                                 "batch files train_data_batch_1..10 / val_data (pickle or .npz), or their zips")
     return "npz" if "npz" in kinds else "pickle"
 
 
+def _check_format(format: str | None) -> None:
+    if format is not None and format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS} (or None to detect it), not {format!r}")
+
+
 def _native_table(meta: dict) -> ClassTable:
+    """The class table of a meta.json checked by ``native.read_meta`` (unique WNIDs, names of the same length)."""
     wnids = tuple(meta["wnids"])
     if wnids == IMAGENET.wnids:
         return IMAGENET
     return ClassTable(wnids, tuple(meta["names"] or wnids))
 
 
-def read_split(path: str | Path, split: str, format: str | None = None, selector: _Selector | None = None,
-               num_classes: int = 1000) -> tuple[RawSplit, np.ndarray | None]:
-    """Read a split, keeping only the rows ``selector`` keeps; returns it and the new labels (or None)."""
+def _manifest_table(path: Path) -> ClassTable:
+    """The class table recorded in a manifest.json: its "wnids" (and "names"), label k being wnids[k - 1];
+    from a build manifest without them, ImageNet's for label_order "devkit", or the class folders (sorted, as
+    the build labels them) that its per_class counts list."""
+    def bad(msg: str) -> official.FormatError:
+        return official.FormatError(f"{path}: {msg}")
+
+    with native.open_regular(path, official.FormatError) as f:  # read(n) allocates n bytes: no more than it holds
+        data = f.read(min(os.fstat(f.fileno()).st_size, MAX_MANIFEST_BYTES) + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise bad(f"larger than {MAX_MANIFEST_BYTES >> 20} MB: not a manifest dsimagenet wrote")
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise bad("not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise bad(f"not valid UTF-8 JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise bad(f"expected a JSON object, found {type(m).__name__}")
+
+    def strings(key: str, v) -> tuple[str, ...]:
+        if not isinstance(v, list) or not v or not all(isinstance(s, str) and s for s in v):
+            raise bad(f"{key!r} must be a list of non-empty strings")
+        return tuple(v)
+
+    if "wnids" in m:
+        wnids = strings("wnids", m["wnids"])
+        names = strings("names", m["names"]) if m.get("names") is not None else wnids
+        if len(names) != len(wnids) or len(set(wnids)) != len(wnids):
+            raise bad(f"'wnids' ({len(wnids)}) must be distinct, and as many as 'names' ({len(names)})")
+        return IMAGENET if wnids == IMAGENET.wnids else ClassTable(wnids, names)
+    order, per_class = m.get("label_order"), m.get("per_class")
+    if order == "devkit":  # the build labels a tree of ILSVRC-2012 WNIDs with devkit IDs
+        return IMAGENET
+    if order != "sorted class folders" or not isinstance(per_class, dict) or not all(
+            isinstance(v, dict) for v in per_class.values()):
+        raise bad("no class table: neither 'wnids' nor a build's label_order and per_class counts")
+    wnids = tuple(sorted({w for counts in per_class.values() for w in counts}))
+    strings("per_class", list(wnids))
+    return ClassTable(wnids, wnids)
+
+
+def class_table(path: str | Path, fmt: str, members: list[official.Member] | None = None) -> tuple[ClassTable, str]:
+    """The class table of the dataset at ``path`` and where it came from: the native meta.json; for official
+    files (which carry none) the manifest.json beside them; else ImageNet's 1000 classes, assumed."""
     path = Path(path)
-    fmt = format or detect_format(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    if fmt == "native":
+        return _native_table(native.read_meta(path)), "native meta"
+    folders = {path} if path.is_dir() else set()
+    folders |= {Path(m.where).parent for m in members or find_members(path) if ".zip:" not in m.where}
+    manifests = sorted(f / MANIFEST for f in folders if (f / MANIFEST).is_file())
+    if len(manifests) > 1:
+        raise official.FormatError(f"{path}: {len(manifests)} manifests ({', '.join(map(str, manifests))}): which "
+                                   "one describes these files is unclear")
+    if manifests:
+        return _manifest_table(manifests[0]), f"manifest ({manifests[0]})"
+    return IMAGENET, ASSUMED
+
+
+def check_mean(mean: np.ndarray | None, where: str) -> None:
+    """A mean image must be finite and within 0..255: a NaN would silently poison every normalised batch."""
+    if mean is not None and mean.size and not (np.all(np.isfinite(mean)) and mean.min() >= 0 and mean.max() <= 255):
+        raise official.FormatError(f"{where}: its 'mean' has values outside 0..255 (NaN or infinite included)")
+
+
+def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
+               selector: _Selector | None = None) -> tuple[RawSplit, np.ndarray | None]:
+    """Read a split of format ``fmt`` whose labels index ``table``, keeping only the rows ``selector`` keeps;
+    returns it and the new labels (or None)."""
+    path = Path(path)
     if fmt == "native":
         meta = native.read_meta(path)
-        s = native.open_split(path, split, meta)
-        table = _native_table(meta)
+        s = native.open_split(path, split, meta)  # checks headers against meta.json, labels 1..num_classes
         raw = RawSplit(s.images, s.labels, native.read_mean(path, meta), table, "native", meta["image_size"])
-        _check_label_range(raw.labels, len(table), f"{path}/{split}/labels.npy")
         if selector is None:
             return raw, None
         idx, new = selector(raw.labels)
         if len(idx) < len(raw.labels):
             raw.images, raw.labels = raw.images[idx], raw.labels[idx]
         return raw, new
-    members = official.split_members(official.find_members(path), split, fmt, str(path))
+    members = official.split_members(find_members(path), split, fmt, str(path))
     rows, all_labels, all_new, mean, size = None, [], [], None, None
     for m in members:
-        b = m.read(num_classes)
+        b = m.read(len(table))
         if size is None:
             size, rows = b.image_size, _Rows(b.image_size)
         elif b.image_size != size:
             raise official.FormatError(f"{m.where}: {b.image_size} px images, but {members[0].where} has {size} px")
         if b.mean is not None:
+            check_mean(b.mean, m.where)
             if mean is None:
                 mean = b.mean
             elif not np.array_equal(mean, b.mean):
@@ -142,13 +250,8 @@ def read_split(path: str | Path, split: str, format: str | None = None, selector
         all_labels.append(b.labels)
         del b
     mean_img = official.planar_to_nhwc(mean[None], size)[0].copy() if mean is not None else None
-    raw = RawSplit(rows.result(), np.concatenate(all_labels), mean_img, IMAGENET, fmt, size)
+    raw = RawSplit(rows.result(), np.concatenate(all_labels), mean_img, table, fmt, size)
     return raw, (np.concatenate(all_new) if selector is not None else None)
-
-
-def _check_label_range(lab: np.ndarray, num_classes: int, where: str) -> None:
-    if lab.size and (lab.min() < 1 or lab.max() > num_classes):
-        raise official.FormatError(f"{where}: labels must be 1..{num_classes}, found {lab.min()}..{lab.max()}")
 
 
 class ImageNetDS:
@@ -162,7 +265,13 @@ class ImageNetDS:
 
     Attributes: ``data`` uint8 (N, S, S, 3), ``targets`` int64 (N,), ``classes`` (names in label order),
     ``wnids``, ``class_to_idx`` (WNID -> label), ``image_size``, ``mean`` (the mean training image, float64
-    (S, S, 3), in 0..255; None for official val files, which do not carry it), ``format``.
+    (S, S, 3), in 0..255; None for official val files, which do not carry it), ``format``, ``class_source``
+    (where the class table came from: "native meta", "manifest (<path>)", or, for official files without a
+    manifest.json beside them, "assumed ILSVRC-2012 devkit order ...").
+
+    Official files carry no class table: a dataset built by ``dsimagenet build`` from a class-folder tree has
+    its classes in the manifest.json written beside the files; without one the files are taken for ImageNet's
+    1000 classes (their labels are then checked to be 1..1000).
     """
 
     def __init__(self, root: str | Path, split: str = "train", order: str = "devkit",
@@ -170,15 +279,16 @@ class ImageNetDS:
                  transform: Callable | None = None, target_transform: Callable | None = None,
                  format: str | None = None):
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+            raise ConfigError(f"split must be 'train' or 'val', not {split!r}")
         if max_per_class is not None and max_per_class < 1:
-            raise ValueError(f"max_per_class must be at least 1, not {max_per_class}")
+            raise ConfigError(f"max_per_class must be at least 1, not {max_per_class}")
+        _check_format(format)
         self.root, self.split, self.order = Path(root), split, order
         self.transform, self.target_transform = transform, target_transform
         fmt = format or detect_format(root)
-        table = _native_table(native.read_meta(root)) if fmt == "native" else IMAGENET
+        table, self.class_source = class_table(root, fmt)
         sub = labels_mod.subset(classes, order, table)
-        raw, new = read_split(root, split, fmt, _Selector(sub.lookup, max_per_class), len(table))
+        raw, new = read_split(root, split, fmt, table, _Selector(sub.lookup, max_per_class))
         self.data: np.ndarray = raw.images
         self.targets: np.ndarray = new
         self.mean, self.format, self.image_size = raw.mean, raw.format, raw.image_size

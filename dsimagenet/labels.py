@@ -19,11 +19,13 @@ CLI: ``dsimagenet classes [--order devkit|sorted] [--csv]``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+
+from dsimagenet.errors import ConfigError
 
 ORDERS = ("devkit", "sorted")
 NUM_VAL_IMAGES = 50_000
@@ -88,7 +90,7 @@ class ClassTable:
 
     def wnid(self, devkit_id: int) -> str:
         if not 1 <= devkit_id <= len(self):
-            raise ValueError(f"devkit ID {devkit_id} is outside 1..{len(self)}")
+            raise ConfigError(f"devkit ID {devkit_id} is outside 1..{len(self)}")
         return self.wnids[devkit_id - 1]
 
     def name(self, wnid: str) -> str:
@@ -117,7 +119,7 @@ class ClassTable:
 
 def check_order(order: str) -> None:
     if order not in ORDERS:
-        raise ValueError(f"label order must be one of {ORDERS}, not {order!r}")
+        raise ConfigError(f"label order (--order) must be one of {ORDERS}, not {order!r}")
 
 
 @functools.cache
@@ -156,7 +158,7 @@ def val_label(filename: str) -> int:
     prefix = "ILSVRC2012_val_"
     number = stem[len(prefix):]
     if not stem.startswith(prefix) or not number.isdigit() or not 1 <= int(number) <= NUM_VAL_IMAGES:
-        raise ValueError(f"{filename!r} is not a validation image name ILSVRC2012_val_00000001..00050000")
+        raise ConfigError(f"{filename!r} is not a validation image name ILSVRC2012_val_00000001..00050000")
     return int(_val_ground_truth()[int(number) - 1])
 
 
@@ -185,7 +187,7 @@ class ClassSubset:
         """Map 1-based devkit IDs to new labels (-1 where the class is not kept)."""
         devkit_ids = np.asarray(devkit_ids)
         if devkit_ids.size and (devkit_ids.min() < 1 or devkit_ids.max() > len(self.table)):
-            raise ValueError(f"labels outside 1..{len(self.table)}: "
+            raise ConfigError(f"labels outside 1..{len(self.table)}: "
                              f"min {devkit_ids.min()}, max {devkit_ids.max()}")
         return self.lookup[devkit_ids]
 
@@ -196,25 +198,30 @@ def subset(classes: None | int | Sequence[str] = None, order: str = "devkit",
 
     ``classes``: None for all; an int N for the first N classes in devkit order (NAS-Bench-201's
     ImageNet16-120 is ``subset(120)``); or a list of WNIDs. The kept classes are labelled 0..len-1 in
-    ``order``: by devkit ID ("devkit") or by WNID ("sorted").
+    ``order``: by devkit ID ("devkit") or by WNID ("sorted"). ``table`` is any dataset's classes: for a class-
+    folder dataset "devkit" is the build's label order (the folder names sorted) and the WNIDs are folder
+    names, so both orders agree with torchvision's ImageFolder.
     """
     check_order(order)
+    what = "ILSVRC-2012 classes" if table is IMAGENET else f"classes of this dataset ({len(table)})"
     if classes is None:
         kept = list(table.wnids)
     elif isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
         if not 1 <= classes <= len(table):
-            raise ValueError(f"classes={classes}: the number of classes must be in 1..{len(table)}")
+            raise ConfigError(f"classes={classes}: the number of classes (--classes) must be in 1..{len(table)}, "
+                              f"the {what}")
         kept = list(table.wnids[:classes])
-    elif isinstance(classes, str):
-        raise TypeError("classes must be None, an int or a list of WNIDs, not a single string")
+    elif isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise ConfigError(f"classes must be None, an int or a list of class names (WNIDs), not "
+                          f"{type(classes).__name__} {classes!r:.40}")
     else:
         kept = list(classes)
         if not kept:
-            raise ValueError("classes is an empty list")
-        unknown = [w for w in kept if w not in table]
+            raise ConfigError("classes is an empty list")
+        unknown = [w for w in kept if not isinstance(w, str) or w not in table]
         if unknown:
-            raise ValueError(f"not ILSVRC-2012 classes: {unknown[:5]}")
+            raise ConfigError(f"not {what}: {unknown[:5]}")
         if len(set(kept)) != len(kept):
-            raise ValueError("classes lists a WNID twice")
-    kept.sort(key=table.devkit_id if order == "devkit" else None)
+            raise ConfigError("classes lists a class twice")
+    kept.sort(key=table.devkit_id if order == "devkit" else None)  # "sorted": by name, as torchvision sorts folders
     return ClassSubset(tuple(kept), table)

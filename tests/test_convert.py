@@ -2,13 +2,18 @@
 
 import json
 import pickle
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from dsimagenet import convert, describe, open_dataset
 from dsimagenet.cli import main
+from dsimagenet.errors import ConfigError
 from dsimagenet.formats import native
+from dsimagenet.formats.official import FormatError
 
 
 def same(a, b):
@@ -111,3 +116,110 @@ def test_train_batches_without_a_mean_are_refused(tiny, tmp_path):
         pickle.dump(d, f, protocol=3)
     with pytest.raises(ValueError, match="train_data_batch_1: no 'mean' in a train batch"):
         convert(src, tmp_path / "nat", ["native"])
+
+
+def test_a_failed_convert_leaves_nothing_under_final_names(tiny, tmp_path):
+    src = tiny.official()
+    (src / "val_data").write_bytes((src / "val_data").read_bytes()[:50])  # read last: train is written first
+    with pytest.raises(FormatError, match="val_data"):
+        convert(src, tmp_path / "out", ["pickle", "npz", "native"])
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+    # into a folder that holds something already: that stays as it was, nothing is added
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FormatError, match="val_data"):
+        convert(src, tmp_path / "out", ["pickle"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"] and list(tmp_path.glob(".out*")) == []
+
+
+def test_a_killed_convert_leaves_nothing_under_final_names(tiny, tmp_path):
+    src = tiny.official()
+    flag = tmp_path / "three batches written"
+    child = f"""
+import os, sys, time
+from dsimagenet.formats import official
+write, n = official.write_batch, []
+def slow(*a, **k):
+    write(*a, **k)
+    n.append(1)
+    if len(n) == 3:
+        open({str(flag)!r}, "w").close()
+        time.sleep(600)  # killed here
+official.write_batch = slow
+from dsimagenet.convert import convert
+convert({str(src)!r}, {str(tmp_path / "out")!r}, ["pickle"])
+"""
+    p = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():  # the event: three batch files written
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
+    assert not (tmp_path / "out").exists()
+    stale = list(tmp_path.glob(".out.convert-*"))
+    assert len(stale) == 1 and len(list(stale[0].iterdir())) >= 3  # its staging folder, hidden, beside
+    convert(src, tmp_path / "out", ["pickle"])  # the next conversion removes it and finishes
+    assert list(tmp_path.glob(".out.convert-*")) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data", "manifest.json"])
+
+
+@pytest.mark.parametrize("damage", ["meta null", "meta no splits", "fortran images", "float labels",
+                                    "labels header cut", "nan mean"])
+def test_info_and_verify_on_a_damaged_native_dataset_is_one_line(tiny, tmp_path, capsys, damage):
+    nat = tmp_path / "nat"
+    convert(tiny.official(), nat, ["native"])
+    meta = json.loads((nat / "meta.json").read_text())
+    if damage == "meta null":
+        (nat / "meta.json").write_text("null")
+    elif damage == "meta no splits":
+        del meta["splits"]
+        (nat / "meta.json").write_text(json.dumps(meta))
+    elif damage == "fortran images":
+        np.save(nat / "train" / "images.npy", np.asfortranarray(tiny.images))
+    elif damage == "float labels":
+        np.save(nat / "val" / "labels.npy", tiny.val_labels.astype(np.float64))
+    elif damage == "labels header cut":
+        (nat / "val" / "labels.npy").write_bytes((nat / "val" / "labels.npy").read_bytes()[:40])
+    else:
+        mean = np.load(nat / "mean.npy")
+        mean[0, 0, 0] = np.nan
+        np.save(nat / "mean.npy", mean)
+    for argv in (["info", str(nat)], ["info", str(nat), "--verify"], ["info", str(nat), "--json"]):
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dsimagenet info: error: ") and err.count("\n") == 1 and str(nat) in err
+
+
+def test_convert_arguments_and_a_missing_format_are_one_line_errors(tiny, tmp_path):
+    src = tiny.official("pickle")
+    with pytest.raises(FormatError, match="no npz batch files"):
+        convert(src, tmp_path / "o", ["native"], src_format="npz")
+    with pytest.raises(ConfigError, match="--formats must be among"):
+        convert(src, tmp_path / "o", ["hdf5"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out must be a folder"):
+        convert(src, tmp_path / "file", ["native"])
+    convert(src, tmp_path / "nat", ["native"])
+    with pytest.raises(ConfigError, match="onto itself"):
+        convert(tmp_path / "nat", tmp_path / "nat", ["native"])
+
+
+def test_native_label_out_of_range_is_refused_by_convert(tiny, tmp_path):
+    convert(tiny.official(), tmp_path / "nat", ["native"])
+    np.save(tmp_path / "nat" / "val" / "labels.npy", np.full(37, 1001, np.int16))
+    with pytest.raises(native.NativeFormatError, match=r"val/labels.npy: labels must be 1..1000"):
+        convert(tmp_path / "nat", tmp_path / "pk", ["pickle"])
+    assert not (tmp_path / "pk").exists()
+
+
+def test_convert_into_its_own_source_folder_is_refused(tiny):
+    src = tiny.official()
+    with pytest.raises(ConfigError, match="--out inside the source folder"):
+        convert(src, src / "nat", ["pickle"])
+    assert not (src / "nat").exists()
+    assert open_dataset(src).data.shape == (203, 8, 8, 3)

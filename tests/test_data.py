@@ -112,3 +112,18 @@ def test_val_needs_train_stats(tiny):
     x, _ = next(iter(Loader(val, 8, augment="none", shuffle=False, stats=train.stats).epoch(0)))
     ref = (tiny.val_images[:8].astype(np.float64) - train.stats.mean) / 255
     np.testing.assert_allclose(x.numpy(), ref.transpose(0, 3, 1, 2), atol=1e-6)
+
+
+def test_bad_arguments_are_config_errors_naming_the_flag(ds, tiny):
+    from dsimagenet.errors import ConfigError
+
+    for kwargs, flag in [({"augment": "mixup"}, "--augment"), ({"normalize": "zca"}, "--normalize"),
+                         ({"batch_size": 0}, "--batch-size"), ({"batch_size": 9, "world_size": 2}, "--batch-size")]:
+        with pytest.raises(ConfigError, match=flag):
+            Loader(ds, **{"batch_size": 8, **kwargs})
+    with pytest.raises(ConfigError, match="--augment"):
+        epoch_plan(10, 0, 0, "mixup", True)
+    empty = open_dataset(tiny.official(), max_per_class=1, classes=["n01440764"])
+    empty.data, empty.targets = empty.data[:0], empty.targets[:0]
+    with pytest.raises(ConfigError, match="no images to load"):
+        Loader(empty, 8)

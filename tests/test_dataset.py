@@ -37,7 +37,7 @@ def test_from_zips_with_top_folder_and_64px_parts(tiny, tmp_path):
     ds = open_dataset(zdir, "val")  # a folder of zips
     np.testing.assert_array_equal(ds.data, tiny.val_images)
     (zdir / "Imagenet8_train_part2.zip").unlink()
-    with pytest.raises(FormatError, match=r"missing \[6, 7, 8, 9, 10\]"):
+    with pytest.raises(FormatError, match=r"Imagenet8_train_part2.zip: missing"):
         open_dataset(zdir / "Imagenet8_train_part1.zip")
 
 
@@ -116,3 +116,143 @@ def test_native_opens_fast_as_memmap(tiny, tmp_path):
     assert time.perf_counter() - t < 0.5
     assert isinstance(ds.data, np.memmap)
     np.testing.assert_array_equal(ds.data, tiny.images)
+
+
+def test_a_zip_set_is_one_format_found_by_exact_name(tiny, tmp_path):
+    pk, nz = tiny.official("pickle"), tiny.official("npz")
+    zdir = tmp_path / "zips"
+    zdir.mkdir()
+    first, second = [f"train_data_batch_{i}" for i in range(1, 6)], [f"train_data_batch_{i}" for i in range(6, 11)]
+    zip_folder(pk, zdir / "Imagenet8_train_part1.zip", "Imagenet8_train", first)
+    zip_folder(nz, zdir / "Imagenet8_train_part1_npz.zip", "x", [n + ".npz" for n in first])
+    zip_folder(nz, zdir / "Imagenet8_train_part2_npz.zip", "x", [n + ".npz" for n in second])
+    # the pickle set's part2 is missing: an error naming it, not the npz set read without a word
+    with pytest.raises(FormatError, match=r"zips/Imagenet8_train_part2.zip: missing"):
+        open_dataset(zdir / "Imagenet8_train_part1.zip")
+    ds = open_dataset(zdir / "Imagenet8_train_part2_npz.zip")  # the npz set, complete
+    assert ds.format == "npz"
+    np.testing.assert_array_equal(ds.data, tiny.images)
+    zip_folder(pk, zdir / "Imagenet8_train_part2.zip", "Imagenet8_train", second)
+    assert open_dataset(zdir / "Imagenet8_train_part1.zip").format == "pickle"
+    (zdir / "Imagenet8_train_part1_npz.zip").unlink()
+    with pytest.raises(FormatError, match=r"Imagenet8_train_part1_npz.zip: missing"):
+        open_dataset(zdir / "Imagenet8_train_part2_npz.zip")
+
+
+def test_a_zip_without_batch_files_says_what_it_expected(tmp_path, capsys):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "Imagenet8_val.zip", "w") as z:
+        z.writestr("README.txt", "nothing here")
+    with pytest.raises(FormatError, match="no official batch files in this zip: expected train_data_batch_1..10") as e:
+        open_dataset(tmp_path / "Imagenet8_val.zip")
+    assert "meta.json" not in str(e.value)
+    from dsimagenet.cli import main
+
+    assert main(["info", str(tmp_path / "Imagenet8_val.zip")]) == 1
+    err = capsys.readouterr().err
+    assert "no official batch files in this zip" in err and "meta.json" not in err
+
+
+def _three_classes(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("zebra", "apple", "mango"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def my3classes(tmp_path):
+    from dsimagenet import BuildConfig, build
+
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(_three_classes(tmp_path / "my3classes")), sizes=(4,),
+                      formats=("pickle", "npz"), quiet=True, workers=1))
+    return tmp_path / "o" / "4_box"
+
+
+def test_custom_classes_in_official_files_come_from_the_manifest(my3classes, tmp_path):
+    import json
+
+    from dsimagenet import describe
+
+    ds = open_dataset(my3classes, format="pickle")
+    assert ds.classes == ds.wnids == ["apple", "mango", "zebra"]  # the build's labels: folders sorted
+    assert ds.class_source.startswith("manifest (") and np.bincount(ds.targets).tolist() == [4, 4, 4]
+    assert len(ImageNetDS(my3classes, "val").wnids) == 3  # train.py's head: len(wnids)
+    assert open_dataset(my3classes, order="sorted", classes=2).classes == ["apple", "mango"]
+    two = open_dataset(my3classes, classes=["zebra", "apple"], order="sorted")
+    assert two.class_to_idx == {"apple": 0, "zebra": 1} and sorted(set(two.targets.tolist())) == [0, 1]
+    with pytest.raises(ValueError, match=r"not classes of this dataset \(3\): \['n01440764'\]"):
+        open_dataset(my3classes, classes=["n01440764"])
+    with pytest.raises(ValueError, match="must be in 1..3"):
+        open_dataset(my3classes, classes=120)
+    assert describe(my3classes)["classes_from"].startswith("manifest")
+    # converted to native and back to pickles, the class table goes along: meta.json, then a manifest
+    convert(my3classes, tmp_path / "nat", ["native"], src_format="npz")
+    assert open_dataset(tmp_path / "nat").classes == ["apple", "mango", "zebra"]
+    convert(tmp_path / "nat", tmp_path / "pk", ["pickle"])
+    back = open_dataset(tmp_path / "pk", "val")
+    assert back.classes == ["apple", "mango", "zebra"] and back.class_source.startswith("manifest")
+    assert json.loads((tmp_path / "pk" / "manifest.json").read_text())["wnids"] == ["apple", "mango", "zebra"]
+    # without a manifest the files are taken for ImageNet's, and that is said
+    (my3classes / "manifest.json").unlink()
+    ds = open_dataset(my3classes)
+    assert ds.class_source == "assumed ILSVRC-2012 devkit order (no manifest.json beside the files)"
+    assert len(ds.wnids) == 1000 and describe(my3classes)["classes_from"].startswith("assumed ILSVRC-2012")
+
+
+def test_build_manifest_without_a_class_table(my3classes):
+    import json
+
+    p = my3classes / "manifest.json"
+    m = json.loads(p.read_text())
+    m.pop("wnids", None), m.pop("names", None)  # a manifest of today's build: per_class counts only
+    p.write_text(json.dumps(m))
+    assert open_dataset(my3classes).classes == ["apple", "mango", "zebra"]
+    del m["per_class"]["train"]["apple"], m["per_class"]["val"]["apple"]  # a class table one short
+    p.write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="labels must be 1..2"):
+        open_dataset(my3classes)
+
+
+@pytest.mark.parametrize("text, message", [("null", "expected a JSON object"), ("{", "not valid UTF-8 JSON"),
+                                           ('{"wnids": [1, 2]}', "'wnids' must be a list of non-empty strings"),
+                                           ('{"wnids": ["a", "a"]}', "must be distinct"),
+                                           ('{"label_order": "other"}', "no class table"),
+                                           ('{"wnids": ["a", "b"], "names": ["x"]}', "as many as 'names'")])
+def test_a_damaged_manifest_is_an_error_never_imagenet(my3classes, text, message):
+    (my3classes / "manifest.json").write_text(text)
+    with pytest.raises(FormatError, match=f"manifest.json: .*{message}"):
+        open_dataset(my3classes)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -3.0])
+def test_an_official_mean_outside_0_255_is_refused(tiny, value):
+    import pickle
+
+    folder = tiny.official()
+    for i in range(1, 11):
+        with open(folder / f"train_data_batch_{i}", "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        d["mean"][5] = value
+        with open(folder / f"train_data_batch_{i}", "wb") as f:
+            pickle.dump(d, f, protocol=3)
+    with pytest.raises(FormatError, match=r"train_data_batch_1: .*'mean'.*0\.\.255"):
+        open_dataset(folder)
+    with pytest.raises(FormatError, match=r"train_data_batch_1: .*0\.\.255"):
+        convert(folder, folder.parent / "nat", ["native"])
+
+
+def test_arguments_are_config_errors(tiny):
+    from dsimagenet.errors import ConfigError
+
+    folder = tiny.official()
+    for kwargs in ({"split": "test"}, {"format": "hdf5"}, {"order": "alphabetical"}, {"max_per_class": 0}):
+        with pytest.raises(ConfigError):
+            open_dataset(folder, **kwargs)

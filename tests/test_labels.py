@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dsimagenet import labels
+from dsimagenet.errors import ConfigError
 from dsimagenet.labels import IMAGENET
 
 
@@ -85,9 +86,7 @@ def test_subset_sorted_and_wnid_list():
     assert len(labels.subset()) == 1000
 
 
-@pytest.mark.parametrize("bad, err", [(0, ValueError), (1001, ValueError), (["n00000000"], ValueError),
-                                      ([], ValueError), (["n01440764"] * 2, ValueError),
-                                      ("n01440764", TypeError)])
-def test_subset_rejects(bad, err):
-    with pytest.raises(err):
+@pytest.mark.parametrize("bad", [0, 1001, ["n00000000"], [], ["n01440764"] * 2, "n01440764", 3.5, [7]])
+def test_subset_rejects(bad):
+    with pytest.raises(ConfigError):  # one line from the CLI, never a traceback
         labels.subset(bad)

@@ -7,7 +7,9 @@
     root/<split>/labels.npy     int16 (N,) 1-based labels: devkit IDs for ImageNet (wnids[label - 1])
 
 ``open_split(root, "train")`` returns an ``np.memmap`` in milliseconds whatever the size; meta.json is written
-last, so a folder without it is an incomplete write, never a dataset.
+last, so a folder without it is an incomplete write, never a dataset. Readers check meta.json whole
+(``check_meta``) and each .npy header against it (``read_npy_header``: C order, dtype, shape, file size) before
+reading a byte of data; anything else is a NativeFormatError naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +120,9 @@ def _hash_data(f, nbytes: int, offset: int = _HEADER_BYTES) -> str:
 
 def array_sha256(path: str | Path) -> str:
     """sha256 of an .npy file's data bytes (what meta.json records)."""
-    arr = np.load(path, mmap_mode="r")
+    h = read_npy_header(path)
     with open(path, "rb") as f:
-        return _hash_data(f, arr.nbytes, arr.offset)
+        return _hash_data(f, int(np.prod(h.shape)) * h.dtype.itemsize, h.offset)
 
 
 class SplitWriter:
@@ -252,7 +256,7 @@ class NativeWriter:
             meta["mean"] = {"file": "mean.npy", "per_channel": [float(v) for v in mean.mean(axis=(0, 1))],
                             "sha256": array_sha256(self.root / "mean.npy")}
         with atomic_write(self.root / META, "w") as f:
-            json.dump(meta, f, indent=1)
+            json.dump(meta, f, indent=1, allow_nan=False)  # NaN is not JSON, and never a count or mean
         return meta
 
 
@@ -260,56 +264,246 @@ def is_native(root: str | Path) -> bool:
     return (Path(root) / META).is_file()
 
 
+# --- reading: every field of meta.json and every .npy header is checked before anything is read ------------
+
+MAX_META_BYTES = 16 << 20  # a meta.json of 200,000 classes is about 10 MB; more is not one we wrote
+MAX_IMAGE_SIZE = 4096  # one 4096 px image is 48 MB; the downsampled datasets go to 256 px
+MAX_COUNT = 1 << 40
+MAX_CLASSES = 1 << 31  # labels are int32 at most
+SPLITS = ("train", "val")  # also the folder names: nothing else ever becomes a path
+ARRAYS = ("images.npy", "labels.npy")
+_MAX_NPY_HEADER = 4096  # we write 128 bytes; np.save writes a few hundred for any of our arrays
+_NPY_KEYS = {"descr", "fortran_order", "shape"}
+
+
+def open_regular(path: str | Path, error=None):
+    """``open(path, "rb")`` for a regular file only: a FIFO would block the reader forever, a device
+    (/dev/zero) never ends. ``error`` makes the exception (default NativeFormatError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise (error or NativeFormatError)(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _bad(path: Path, msg: str) -> NativeFormatError:
+    return NativeFormatError(f"{path}: {msg}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_hex64(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _check_int(path: Path, key: str, v, lo: int, hi: int) -> int:
+    if not _is_int(v) or not lo <= v <= hi:
+        raise _bad(path, f"{key} must be an integer in {lo}..{hi}, found {v!r:.60}")
+    return v
+
+
+def _check_strings(path: Path, key: str, v, n: int | None = None) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+        raise _bad(path, f"{key} must be a list of non-empty strings, found {type(v).__name__}")
+    if n is not None and len(v) != n:
+        raise _bad(path, f"{key} has {len(v)} entries for {n} classes")
+    return v
+
+
+def check_meta(meta, path: str | Path) -> dict:
+    """Check the whole structure of a parsed meta.json in one place: every key we read, its type and range;
+    returns ``meta``. The message names the file and the key (``splits.train.count must be ...``)."""
+    path = Path(path)
+    if not isinstance(meta, dict):
+        raise _bad(path, f"expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format") != FORMAT_NAME:
+        raise _bad(path, f"not a {FORMAT_NAME} meta.json (its 'format' is {meta.get('format')!r:.60})")
+    version = meta.get("version")
+    if not _is_int(version):
+        raise _bad(path, f"'version' must be an integer, found {version!r:.60}")
+    if version != FORMAT_VERSION:
+        raise _bad(path, f"format version {version}; this dsimagenet reads version {FORMAT_VERSION} (upgrade "
+                         "dsimagenet, or rebuild the dataset)")
+    missing = [k for k in ("image_size", "label_order", "label_base", "num_classes", "wnids", "names", "splits")
+               if k not in meta]
+    if missing:
+        raise _bad(path, f"missing {', '.join(map(repr, missing))}")
+    _check_int(path, "'image_size'", meta["image_size"], 1, MAX_IMAGE_SIZE)
+    if meta["label_order"] != "devkit" or meta["label_base"] != 1 or isinstance(meta["label_base"], bool):
+        raise _bad(path, f"label_order {meta['label_order']!r:.60} and label_base {meta['label_base']!r:.60}: "
+                         "this dsimagenet reads label_order 'devkit' with label_base 1 (label k is wnids[k - 1])")
+    n = _check_int(path, "'num_classes'", meta["num_classes"], 1, MAX_CLASSES)
+    wnids = _check_strings(path, "'wnids'", meta["wnids"], n)
+    if len(set(wnids)) != len(wnids):
+        dup = sorted({w for w, c in Counter(wnids).items() if c > 1})
+        raise _bad(path, f"'wnids' lists a class twice: {dup[:5]}")
+    if meta["names"] is not None:
+        _check_strings(path, "'names'", meta["names"], n)
+    for key in ("method", "source", "converted_from", "aspect"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise _bad(path, f"{key!r} must be a string or null, found {type(meta[key]).__name__}")
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not splits:
+        raise _bad(path, f"'splits' must be an object of one or more splits, found {splits!r:.60}")
+    for split, info in splits.items():
+        if split not in SPLITS:  # a split name is a folder name: "../x" or "a/b" must never become a path
+            raise _bad(path, f"split {split!r:.60}: splits are {' and '.join(SPLITS)}")
+        if not isinstance(info, dict) or "count" not in info or "sha256" not in info:
+            raise _bad(path, f"splits.{split} must be an object with 'count' and 'sha256', found {info!r:.60}")
+        _check_int(path, f"splits.{split}.count", info["count"], 0, MAX_COUNT)
+        sums = info["sha256"]
+        if not isinstance(sums, dict) or set(sums) != set(ARRAYS) or not all(map(_is_hex64, sums.values())):
+            raise _bad(path, f"splits.{split}.sha256 must map exactly {' and '.join(ARRAYS)} to sha256 hex "
+                             f"digests, found {sums!r:.80}")
+    if "mean" in meta:
+        mean = meta["mean"]
+        if not isinstance(mean, dict) or mean.get("file") != "mean.npy" or not _is_hex64(mean.get("sha256")):
+            raise _bad(path, f"'mean' must be an object with file 'mean.npy' and its sha256, found {mean!r:.80}")
+        pc = mean.get("per_channel")
+        if (not isinstance(pc, list) or len(pc) != 3 or not all(isinstance(v, (int, float)) and not
+                                                              isinstance(v, bool) and 0 <= v <= 255 for v in pc)):
+            raise _bad(path, f"mean.per_channel must be 3 numbers in 0..255, found {pc!r:.80}")  # NaN fails too
+    return meta
+
+
 def read_meta(root: str | Path) -> dict:
+    """meta.json, parsed and checked (``check_meta``): bounded in size, UTF-8, JSON."""
     path = Path(root) / META
     try:
-        meta = json.loads(path.read_text())
+        with open_regular(path) as f:  # read(n) allocates n bytes first: ask for no more than the file holds
+            data = f.read(min(os.fstat(f.fileno()).st_size, MAX_META_BYTES) + 1)
     except FileNotFoundError:
         raise NativeFormatError(f"{path}: missing: not a native dataset, or its writing did not finish") from None
-    except json.JSONDecodeError as e:
-        raise NativeFormatError(f"{path}: not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise NativeFormatError(f"{path}: not a {FORMAT_NAME} meta.json")
-    if meta.get("version") != FORMAT_VERSION:
-        raise NativeFormatError(f"{path}: format version {meta.get('version')}; this dsimagenet reads "
-                                f"version {FORMAT_VERSION} (upgrade dsimagenet, or rebuild the dataset)")
-    return meta
+    if len(data) > MAX_META_BYTES:
+        raise _bad(path, f"larger than {MAX_META_BYTES >> 20} MB: not a meta.json dsimagenet wrote")
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _bad(path, f"not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise _bad(path, "not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and Python's limit on the digits of an int
+        raise _bad(path, f"not valid JSON: {e}") from None
+    return check_meta(meta, path)
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # where the data starts
+
+
+def read_npy_header(path: str | Path) -> NpyHeader:
+    """The header of an .npy file, parsed without numpy's loader and checked against the file: a simple dtype,
+    C order, a shape of non-negative ints, and a file of exactly header + data bytes."""
+    path = Path(path)
+    with open_regular(path) as f:
+        head = f.read(12)
+        file_size = os.fstat(f.fileno()).st_size
+        if head[:6] != b"\x93NUMPY":
+            raise _bad(path, "not an .npy file (no \\x93NUMPY magic at its start)")
+        if len(head) < 10:
+            raise _bad(path, "cut short inside its .npy header")
+        if head[6:8] == b"\x01\x00":
+            hlen, start = int.from_bytes(head[8:10], "little"), 10
+        elif head[6:8] == b"\x02\x00" and len(head) == 12:
+            hlen, start = int.from_bytes(head[8:12], "little"), 12
+        else:
+            raise _bad(path, f".npy version {head[6]}.{head[7]}: expected 1.0 or 2.0")
+        if hlen > _MAX_NPY_HEADER:
+            raise _bad(path, f"an .npy header of {hlen} bytes (at most {_MAX_NPY_HEADER})")
+        f.seek(start)
+        text = f.read(hlen)
+    if len(text) < hlen:
+        raise _bad(path, "cut short inside its .npy header")
+    try:
+        import ast
+
+        d = ast.literal_eval(text.decode("ascii"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise _bad(path, f"an unreadable .npy header: {e}") from None
+    if not isinstance(d, dict) or set(d) != _NPY_KEYS:
+        raise _bad(path, f"an .npy header without exactly {sorted(_NPY_KEYS)}: {text[:80]!r}")
+    descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
+    if fortran is not False:  # Fortran-ordered rows would be read scrambled
+        raise _bad(path, f"fortran_order {fortran!r}: only C (row-major) order, as dsimagenet writes, is read")
+    if not isinstance(shape, tuple) or not all(_is_int(v) and 0 <= v <= MAX_COUNT * MAX_IMAGE_SIZE for v in shape):
+        raise _bad(path, f"an .npy shape that is not a tuple of non-negative integers: {shape!r:.60}")
+    try:
+        dtype = np.dtype(descr) if isinstance(descr, str) else None
+    except (TypeError, ValueError, SyntaxError):
+        dtype = None
+    if dtype is None or dtype.kind not in "buif" or dtype.itemsize > 8:
+        raise _bad(path, f"dtype {descr!r:.40}: expected a plain integer, float or bool dtype")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: no overflow
+    if file_size != start + hlen + nbytes:
+        how = "shorter" if file_size < start + hlen + nbytes else "longer"
+        raise _bad(path, f"{how} than its header says: {file_size} bytes, the header's {dtype} {shape} needs "
+                         f"{start + hlen + nbytes} (truncated or damaged)")
+    return NpyHeader(dtype, shape, start + hlen)
+
+
+def _read_all(path: Path, h: NpyHeader) -> np.ndarray:
+    """The whole array (its size was checked against the file by ``read_npy_header``)."""
+    with open(path, "rb") as f:
+        f.seek(h.offset)
+        out = np.fromfile(f, h.dtype, int(np.prod(h.shape)))
+    if out.size != int(np.prod(h.shape)):
+        raise _bad(path, "cut short while being read")
+    return out.reshape(h.shape)
 
 
 @dataclass
 class NativeSplit:
-    images: np.ndarray  # np.memmap uint8 (N, S, S, 3)
+    images: np.ndarray  # np.memmap uint8 (N, S, S, 3) (an empty array when N is 0)
     labels: np.ndarray  # int64 (N,), 1-based
+    images_offset: int = _HEADER_BYTES  # where the rows start in images.npy
 
 
 def open_split(root: str | Path, split: str, meta: dict | None = None) -> NativeSplit:
+    """One split, checked: both headers exactly as meta.json says, labels integers in 1..num_classes."""
     root = Path(root)
     meta = meta or read_meta(root)
     if split not in meta["splits"]:
         raise NativeFormatError(f"{root}: no {split!r} split (it has {sorted(meta['splits'])})")
-    count, size = meta["splits"][split]["count"], meta["image_size"]
+    count, size, n = meta["splits"][split]["count"], meta["image_size"], meta["num_classes"]
+    ipath, lpath = root / split / "images.npy", root / split / "labels.npy"
     try:
-        images = np.load(root / split / "images.npy", mmap_mode="r", allow_pickle=False)
-        labels = np.load(root / split / "labels.npy", allow_pickle=False)
+        ih, lh = read_npy_header(ipath), read_npy_header(lpath)
     except FileNotFoundError as e:
         raise NativeFormatError(f"{e.filename}: missing") from None
-    except ValueError as e:  # np.load raises ValueError when the file is shorter than its header says
-        raise NativeFormatError(f"{root / split}: damaged array: {e}") from None
-    if images.shape != (count, size, size, 3) or images.dtype != np.uint8:
-        raise NativeFormatError(f"{root / split / 'images.npy'}: {images.dtype} {images.shape}, meta.json says "
-                                f"uint8 ({count}, {size}, {size}, 3)")
-    if labels.shape != (count,):
-        raise NativeFormatError(f"{root / split / 'labels.npy'}: shape {labels.shape}, expected ({count},)")
-    return NativeSplit(images, labels.astype(np.int64))
+    if ih.dtype != np.uint8 or ih.shape != (count, size, size, 3):
+        raise _bad(ipath, f"{ih.dtype} {ih.shape}, meta.json says uint8 {(count, size, size, 3)}")
+    if lh.dtype.kind not in "iu" or lh.shape != (count,):  # float or bool labels would be truncated or read as 1
+        raise _bad(lpath, f"{lh.dtype} {lh.shape}, meta.json says integer labels ({count},)")
+    labels = _read_all(lpath, lh).astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > n):
+        raise _bad(lpath, f"labels must be 1..{n} (meta.json's num_classes), found {labels.min()}..{labels.max()}")
+    if count:
+        images = np.memmap(ipath, np.uint8, "r", ih.offset, ih.shape)
+    else:
+        images = np.empty(ih.shape, np.uint8)
+    return NativeSplit(images, labels, ih.offset)
 
 
 def read_mean(root: str | Path, meta: dict) -> np.ndarray | None:
+    """mean.npy, float64 (S, S, 3), every value finite and in 0..255; None when meta.json has no mean."""
     if "mean" not in meta:
         return None
-    mean = np.load(Path(root) / meta["mean"]["file"], allow_pickle=False)
-    size = meta["image_size"]
-    if mean.shape != (size, size, 3):
-        raise NativeFormatError(f"{root}/mean.npy: shape {mean.shape}, expected ({size}, {size}, 3)")
+    path, size = Path(root) / "mean.npy", meta["image_size"]
+    try:
+        h = read_npy_header(path)
+    except FileNotFoundError:
+        raise _bad(path, "missing (meta.json lists it)") from None
+    if h.dtype != np.float64 or h.shape != (size, size, 3):
+        raise _bad(path, f"{h.dtype} {h.shape}, expected float64 ({size}, {size}, 3)")
+    mean = _read_all(path, h)
+    if not np.all(np.isfinite(mean)) or mean.min() < 0 or mean.max() > 255:
+        raise _bad(path, "values outside 0..255 (NaN or infinite included): not a mean image")
     return mean
 
 
@@ -325,7 +519,7 @@ def verify(root: str | Path) -> list[str]:
     for rel, digest in files:
         try:
             actual = array_sha256(root / rel)
-        except (OSError, ValueError) as e:
+        except (OSError, NativeFormatError) as e:
             problems.append(f"{root / rel}: unreadable: {e}")
             continue
         if actual != digest:
