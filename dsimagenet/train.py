@@ -9,16 +9,25 @@ penalty 5e-4 * sum(w^2) on conv and linear weights only, mean-image subtraction,
 each epoch with 4-pixel shifts. The loop below is the whole training; the learning rate is a pure function of
 (epoch, step). On CUDA: bf16 autocast, channels_last, the uint8 data resident on the GPU, no host
 synchronisation inside an epoch except every ``log_every`` steps; optional ``torch.compile``.
+
+Before anything is written, every value is checked (``TrainConfig`` itself; then ``check_environment``: the
+device, the data against the batch and the processes). One process holds a run directory at a time (an flock
+that dies with it). A resumed checkpoint must be this run's (data, configuration, shapes, finite values). A
+non-finite loss (read at the log points and at the epoch's end) or weight stops the run: ``Diverged``, exit
+status 3, result.json ``{"status": "diverged", ...}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +38,14 @@ from torch import nn
 from dsimagenet import runs
 from dsimagenet.data import Loader
 from dsimagenet.dataset import ImageNetDS
+from dsimagenet.errors import ConfigError, Diverged
 from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write
-from dsimagenet.model import WideResNet, count_parameters, default_depth
+from dsimagenet.model import WideResNet, count_parameters, default_depth, num_stacks
 from dsimagenet.recipe import OPERATIONAL, TrainConfig, learning_rate
+from dsimagenet.runs import RunError
 
-__all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct"]
+__all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct", "check_environment"]
 
 
 def dataset_fingerprint(path: str | Path) -> str:
@@ -174,46 +185,196 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool, d: D
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_write(path) as f:
+    with runs.naming(path, "; the previous checkpoint is kept"), atomic_write(path) as f:
         torch.save(state, f)
 
 
+def _computed(c: TrainConfig) -> dict:
+    """The fields that decide what a run computes, as JSON values (what config.json and checkpoints store)."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(c))).items() if k not in OPERATIONAL}
+
+
+def _weights_depend_on(config: dict) -> dict:
+    """Of ``_computed``, what decides the weights up to a checkpoint: the total of epochs only for the cosine
+    schedule (the others are the same up to any epoch, whatever the total); the reported epoch never."""
+    skip = {"report_epoch"} | ({"epochs"} if config.get("schedule") != "cosine" else set())
+    return {k: v for k, v in config.items() if k not in skip}
+
+
 def _check_resume(run: Path, config: TrainConfig, fingerprint: str) -> None:
-    old = json.loads((run / runs.CONFIG).read_text())
+    old = runs.read_json(run / runs.CONFIG)
     if old.get("dataset_fingerprint") != fingerprint:
-        raise ValueError(f"{run}: refusing to resume on different data: the run was trained on "
-                         f"{old['config']['data']} (fingerprint {old.get('dataset_fingerprint', '?')[:12]}), "
-                         f"--data {config.data} is {fingerprint[:12]}")
-    new = json.loads(json.dumps(dataclasses.asdict(config)))
-    diff = sorted(k for k in set(new) | set(old["config"])
-                  if k not in OPERATIONAL and new.get(k) != old["config"].get(k))
+        raise RunError(f"{run}: refusing to resume on different data: the run was trained on "
+                       f"{old.get('config', {}).get('data')} (fingerprint {str(old.get('dataset_fingerprint'))[:12]}"
+                       f"), --data {config.data} is {fingerprint[:12]}")
+    new, was = _computed(config), old.get("config", {})
+    diff = sorted(k for k in set(new) | set(was) if k not in OPERATIONAL and new.get(k) != was.get(k))
     if diff:
-        raise ValueError(f"{run}: refusing to resume with a different configuration: " +
-                         ", ".join(f"{k} was {old['config'].get(k)!r}, now {new.get(k)!r}" for k in diff))
+        raise RunError(f"{run}: refusing to resume with a different configuration: " +
+                       ", ".join(f"{k} was {was.get(k)!r}, now {new.get(k)!r}" for k in diff))
+
+
+def _non_finite(named: dict) -> str | None:
+    """The name of the first floating tensor in ``named`` holding a NaN or an infinity, or None."""
+    floats = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()  # one host synchronisation
+    return next((k for (k, _), good in zip(floats, ok, strict=True) if not good), None)
+
+
+def _load_checkpoint(path: Path, model: WideResNet, opt: torch.optim.Optimizer, c: TrainConfig, fingerprint: str,
+                     steps: int, dev: torch.device) -> dict:
+    """The checkpoint's state, loaded into ``model`` and ``opt`` and the RNGs once it is known to be this run's:
+    its data, its configuration, tensors that fit the model, finite values, a place within the run."""
+    fix = "; remove it to restart the run from the beginning"
+    try:  # weights_only: tensors and plain values only, never code from the file
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
+        raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
+    need = ("model", "optimizer", "epoch", "step", "acc", "train_seconds", "images_seen", "rng_cpu")
+    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+        raise RunError(f"{path}: not a checkpoint of this trainer (no {', '.join(missing) or 'model tensors'}){fix}")
+    if state.get("fingerprint") != fingerprint:
+        raise RunError(f"{path}: belongs to a run on other data (dataset fingerprint "
+                       f"{str(state.get('fingerprint'))[:12]}; this run's --data {c.data} is {fingerprint[:12]}){fix}")
+    if isinstance(state.get("config"), str):  # checkpoints before it was stored are checked by their tensors
+        theirs, ours = _weights_depend_on(json.loads(state["config"])), _weights_depend_on(_computed(c))
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if diff:
+            raise RunError(f"{path}: belongs to another run: " + ", ".join(
+                f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff) + fix)
+    ours, theirs = model.state_dict(), state["model"]
+    problems = ([f"{k} is missing" for k in ours if k not in theirs]
+                + [f"{k} is not in this model" for k in theirs if k not in ours]
+                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
+                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
+    if problems:
+        raise RunError(f"{path}: does not fit this run's model (WRN-{model.depth}-{model.width:g}, "
+                       f"{model.num_classes} classes, {model.image_size} px): {'; '.join(problems[:3])}"
+                       f"{'; ...' if len(problems) > 3 else ''}{fix}")
+    buffers = {f"optimizer state {i} {k}": t for i, s in state["optimizer"].get("state", {}).items()
+               if isinstance(s, dict) for k, t in s.items()}
+    bad = _non_finite({**theirs, **buffers})
+    if bad:
+        raise RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged{fix}")
+    epoch, step, acc = state["epoch"], state["step"], state["acc"]
+    if not (type(epoch) is int and type(step) is int and 0 <= epoch <= c.epochs and 0 <= step < steps
+            and (epoch < c.epochs or step == 0)):
+        raise RunError(f"{path}: at epoch {epoch!r} step {step!r}, outside this run ({c.epochs} epochs of "
+                       f"{steps} steps){fix}")
+    if not (isinstance(acc, list) and len(acc) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in acc)):
+        raise RunError(f"{path}: its running sums {acc!r} are not three finite numbers{fix}")
+    try:
+        model.load_state_dict(theirs)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise RunError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
+    return state
+
+
+def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tuple[str, ImageNetDS, ImageNetDS]:
+    """What the configuration alone cannot tell, checked before anything is written: the device; the data's
+    size, classes and images against --size, --depth, --classes and the batch shared by ``world`` processes.
+    Returns the device ("cpu" or "cuda") and the train and val splits."""
+    import shutil
+
+    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise ConfigError(f"--device cuda: no CUDA GPU is available to torch {torch.__version__} ({built}): use "
+                          "--device cpu or auto")
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"--device cuda: process LOCAL_RANK={local_rank} has no GPU of its own "
+                          f"({torch.cuda.device_count()} visible)")
+    if device == "cpu" and c.compile and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise ConfigError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++) on PATH; leave "
+                          "--compile out")
+    if c.classes is not None and native.is_native(c.data):
+        have = len(native.read_meta(c.data)["wnids"])
+        if c.classes > have:
+            raise ConfigError(f"--classes {c.classes}: {c.data} has {have} classes")
+    train_ds = ImageNetDS(c.data, "train", c.order, c.classes, c.max_per_class)
+    val_ds = ImageNetDS(c.data, "val", c.order, c.classes)
+    size = train_ds.image_size
+    if c.size is not None and c.size != size:
+        raise ConfigError(f"--size {c.size}: the data {c.data} is {size} px")
+    stacks = num_stacks(size)
+    if c.depth is not None and (c.depth - 4) % (2 * stacks):
+        raise ConfigError(f"--depth {c.depth} is not 4 + 2 * n * {stacks} ({stacks} stacks for {size} px images): "
+                          f"try {4 + 8 * stacks}")
+    chosen = f" of the first {c.classes} classes (--classes)" if c.classes else ""
+    for split, ds in (("train", train_ds), ("val", val_ds)):
+        if len(ds) == 0:
+            raise ConfigError(f"--data {c.data}: no {split} images{chosen}")
+    if c.batch_size % world:
+        raise ConfigError(f"--batch-size {c.batch_size} must be a multiple of the {world} processes")
+    samples = len(train_ds) * (2 if c.augment == "paper" else 1)
+    if world > 1 and samples < c.batch_size:  # several ranks drop the last partial batch: no step would be left
+        raise ConfigError(f"--batch-size {c.batch_size}: {c.data} gives {samples} samples an epoch ({len(train_ds)} "
+                          f"images{', each also mirrored' if c.augment == 'paper' else ''}), less than one batch, and "
+                          f"{world} processes drop an epoch's last partial batch: use a --batch-size of at most "
+                          f"{max(world, samples - samples % world)}")
+    return device, train_ds, val_ds
+
+
+@contextlib.contextmanager
+def _hold(run: Path, d: Dist, dev: torch.device) -> Iterator[tuple[bool, bool]]:
+    """Rank 0 holds the run directory (another process training it is an error) and tells every rank what it
+    found there, before it writes anything: (a run directory already, with its result.json)."""
+    error, state = None, [0, 0, 0]
+    with contextlib.ExitStack() as stack:
+        if d.main:
+            try:
+                stack.enter_context(runs.hold(run))
+                state = [1, int(runs.check_out(run)), int((run / runs.RESULT).exists())]
+            except Exception as e:  # noqa: BLE001 - raised below, after the other ranks have heard of it
+                error = e
+        if d.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(state, device=dev)
+            dist.broadcast(t, 0)
+            state = t.tolist()
+        if error is not None:
+            raise error
+        if not state[0]:
+            raise RunError(f"{run}: rank 0 could not take the run directory (its error says why)")
+        yield bool(state[1]), bool(state[2])
 
 
 def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
 
     ``on_epoch(line)`` is called with each epoch's metrics line after it is written (and its checkpoint saved);
-    an exception it raises stops the run there (``dsimagenet tune`` prunes trials so)."""
-    c = config
-    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    an exception it raises stops the run there (``dsimagenet tune`` prunes trials so). The run directory is held
+    by this process (rank 0) throughout. A non-finite loss stops the run with ``Diverged``, after writing a
+    result.json with "status": "diverged"; a run already finished returns its result; one whose last checkpoint
+    is at its end gets its result from that checkpoint and metrics.jsonl."""
+    c = config  # its values were checked when it was made (recipe.validate)
+    device, train_ds, val_ds = check_environment(c, int(os.environ.get("WORLD_SIZE", "1")),
+                                                 int(os.environ.get("LOCAL_RANK", "0")))
     d = _setup_distributed(device)
     dev = torch.device(f"cuda:{d.local_rank}" if device == "cuda" else "cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
+    fingerprint = dataset_fingerprint(c.data)
+    with _hold(Path(c.out), d, dev) as (is_run, has_result):
+        return _train(c, d, dev, train_ds, val_ds, fingerprint, is_run, has_result, resume, on_epoch)
+
+
+def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_ds: ImageNetDS, fingerprint: str,
+           is_run: bool, has_result: bool, resume: bool, on_epoch) -> dict:
     amp = dev.type == "cuda" and c.bf16
     run = Path(c.out)
-
-    # --- data
-    train_ds = ImageNetDS(c.data, "train", c.order, c.classes, c.max_per_class)
-    val_ds = ImageNetDS(c.data, "val", c.order, c.classes)
     size = train_ds.image_size
-    if c.size is not None and c.size != size:
-        raise ValueError(f"{c.data}: the data is {size} px, but size={c.size} was asked for")
-    fingerprint = dataset_fingerprint(c.data)
     # with several ranks the last partial batch is dropped: an empty share would break BatchNorm
     loader = Loader(train_ds, c.batch_size, dev, c.augment, shuffle=True, seed=c.seed, normalize=c.normalize,
                     channels_last=c.channels_last and dev.type == "cuda", rank=d.rank, world_size=d.world,
@@ -221,6 +382,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     val_loader = Loader(val_ds, c.eval_batch_size * d.world, dev, "none", shuffle=False, stats=loader.stats,
                         channels_last=c.channels_last and dev.type == "cuda", rank=d.rank, world_size=d.world)
     num_classes = len(train_ds.wnids)
+    steps = len(loader)
 
     # --- model and optimizer
     torch.manual_seed(c.seed)
@@ -261,44 +423,51 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     # --- run directory, or resume
     start_epoch, start_step, acc, train_seconds, images_seen = 0, 0, [0.0, 0.0, 0.0], 0.0, 0
     ckpt_path = run / runs.CHECKPOINT
-    if (run / runs.CONFIG).exists():
+    if is_run:
         if not resume:
-            raise FileExistsError(f"{run}: already a run directory: pass --resume to continue it, or choose "
-                                  "another --out")
+            raise RunError(f"{run}: already a run directory: pass --resume to continue it, or choose another --out")
         _check_resume(run, c, fingerprint)
+        if has_result:  # finished (or diverged) before
+            result = runs.read_json(run / runs.RESULT)
+            if result.get("status") == "diverged":
+                raise Diverged(result.get("message") or f"{run}: this run diverged; start a new one with a lower --lr")
+            return result
         if ckpt_path.exists():
-            try:  # weights_only: tensors and plain values only, never code from the file
-                state = torch.load(ckpt_path, map_location=dev, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
-                raise ValueError(f"{ckpt_path}: unreadable checkpoint ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}); remove it to restart the run") from None
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng_cpu"])
-            if dev.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+            state = _load_checkpoint(ckpt_path, model, opt, c, fingerprint, steps, dev)
             start_epoch, start_step = state["epoch"], state["step"]
             acc, train_seconds, images_seen = state["acc"], state["train_seconds"], state["images_seen"]
-        if start_epoch >= c.epochs and (run / runs.RESULT).exists():
-            return json.loads((run / runs.RESULT).read_text())  # finished already
         if d.main:
             runs.truncate_metrics(run, start_epoch)
     elif d.main:
-        run.mkdir(parents=True, exist_ok=True)
         runs.write_json(run / runs.CONFIG, {"config": dataclasses.asdict(c), "versions": runs.versions(),
                                             "git_commit": runs.git_commit(), "dataset_fingerprint": fingerprint,
                                             "world_size": d.world, "device": str(dev), "params": params,
                                             "depth": depth, "image_size": size, "num_classes": num_classes,
                                             "method": native.read_meta(c.data).get("method")
                                             if native.is_native(c.data) else None})
-        (run / runs.METRICS).touch()
+        with runs.naming(run / runs.METRICS):
+            (run / runs.METRICS).touch()
+
+    def diverged(epoch: int, step: int, what: str) -> None:
+        """Stop the run: it is marked diverged (rank 0) and every rank raises, having seen the same values."""
+        msg = (f"{run}: diverged in epoch {epoch + 1} by step {step}/{steps}: {what}; the run is stopped and "
+               f"marked diverged; start a new one with a lower --lr (it was {c.lr:g})")
+        if d.main:
+            runs.write_json(run / runs.RESULT, {"status": "diverged", "epoch": epoch + 1, "step": step,
+                                                "message": msg})
+        raise Diverged(msg)
 
     def checkpoint(epoch: int, step: int) -> None:
         if not d.main:
             return
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
+        weights = model.state_dict()
+        bad = _non_finite(weights)  # never saved: a step since the last loss check can have broken them
+        if bad is not None:
+            diverged(epoch if step else epoch - 1, step or steps, f"{bad} holds NaN or infinite values")
+        state = {"model": weights, "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
                  "acc": acc_values(), "train_seconds": train_seconds + (time.perf_counter() - t0),
-                 "images_seen": images_seen, "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint}
+                 "images_seen": images_seen, "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint,
+                 "config": json.dumps(_computed(c), sort_keys=True)}
         if dev.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         _save_checkpoint(ckpt_path, state)
@@ -307,8 +476,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
         return [float(v) for v in acc_t.tolist()]
 
     # --- the loop
-    steps = len(loader)
-    last_ckpt, last_lr = time.monotonic(), None
+    last_ckpt, last_lr, ev = time.monotonic(), None, None
     for epoch in range(start_epoch, c.epochs):
         t0 = time.perf_counter()
         net.train()
@@ -328,18 +496,30 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
             acc_t += sums
             images_seen += len(y) * d.world
             done = step + 1
+            log = done % c.log_every == 0
+            if log:  # the one host synchronisation inside an epoch: a NaN or inf in any step stays in the sum
+                running = d.all_reduce(acc_t[:1].clone()).item() if d.world > 1 else acc_t[0].item()
+                if not math.isfinite(running):
+                    diverged(epoch, done, f"the running training loss is {running}")
             due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (
-                done % c.log_every == 0 and time.monotonic() - last_ckpt > 60 * c.checkpoint_minutes)
+                log and time.monotonic() - last_ckpt > 60 * c.checkpoint_minutes)
             if due and done < steps:
                 checkpoint(epoch, done)
                 last_ckpt = time.monotonic()
-            if done % c.log_every == 0 and d.main and not c.quiet:
+            if log and d.main and not c.quiet:
                 print(f"  epoch {epoch + 1} step {done}/{steps} loss {loss.item():.4f} lr {lr:.5g}", flush=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
         tr = d.all_reduce(acc_t.clone()).tolist()
+        if not math.isfinite(tr[0]):
+            diverged(epoch, steps, f"the training loss is {tr[0] / tr[2]}")
         ev = evaluate(net, val_loader, num_classes, amp, d)
+        if not math.isfinite(ev["val_loss"]):
+            diverged(epoch, steps, f"the validation loss is {ev['val_loss']}")
+        bad = _non_finite(model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
+        if bad is not None:
+            diverged(epoch, steps, f"{bad} holds NaN or infinite values")
         line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, steps), "train_loss": tr[0] / tr[2],
                 "train_error": 100 * (1 - tr[1] / tr[2]), "val_loss": ev["val_loss"],
                 "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "train_seconds": train_seconds,
@@ -358,12 +538,16 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
             on_epoch(line)
 
     # --- result
+    if ev is None:  # every epoch was done before (stopped after its last checkpoint): evaluate those weights
+        if d.main and not c.quiet:
+            print(f"{run}: all {c.epochs} epochs were done; the result comes from the checkpoint", flush=True)
+        ev = evaluate(net, val_loader, num_classes, amp, d)
     metrics = runs.read_metrics(run) if d.main else []
     result = {}
     if d.main:
         final = metrics[-1]
-        result = {"top1_error": final["top1_error"], "top5_error": final["top5_error"], "params": params,
-                  "epochs": c.epochs, "depth": depth, "width": c.width, "image_size": size,
+        result = {"status": "finished", "top1_error": final["top1_error"], "top5_error": final["top5_error"],
+                  "params": params, "epochs": c.epochs, "depth": depth, "width": c.width, "image_size": size,
                   "train_seconds": train_seconds, "train_images_per_s": images_seen / train_seconds,
                   "device": str(dev), "world_size": d.world}
         at = [m for m in metrics if m["epoch"] == c.report_epoch]
@@ -381,7 +565,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
 
 def _write_per_class(path: Path, per_class: np.ndarray, ds: ImageNetDS) -> None:
     count, c1, ck = per_class
-    with atomic_write(path, "w") as f:
+    with runs.naming(path), atomic_write(path, "w") as f:
         f.write("index,wnid,name,count,top1_accuracy,top5_accuracy\n")
         for i, (w, name) in enumerate(zip(ds.wnids, ds.classes, strict=True)):
             n = count[i]

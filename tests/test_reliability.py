@@ -23,6 +23,7 @@ from release import CLASSES, encode, make_release, reference, tar_bytes
 
 from dsimagenet import open_dataset
 from dsimagenet.build import BuildConfig, BuildError, build
+from dsimagenet.runs import RunError
 from dsimagenet.sources import imagenet as imagenet_source
 from dsimagenet.train import TrainConfig, train
 
@@ -182,9 +183,10 @@ def test_a_damaged_checkpoint_is_an_error_naming_it(tmp_path):
     data = learnable_native(tmp_path / "d")
     c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST)
     train(c)
+    (tmp_path / "run" / "result.json").unlink()  # as if killed before the result: the checkpoint is read
     ckpt = tmp_path / "run" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="checkpoint.pt: unreadable checkpoint"):
+    with pytest.raises(RunError, match="checkpoint.pt: unreadable checkpoint"):
         train(c, resume=True)
 
 
@@ -198,11 +200,12 @@ def test_a_malicious_checkpoint_is_refused_without_side_effect(tmp_path, monkeyp
     data = learnable_native(tmp_path / "d")
     c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST)
     train(c)
+    (tmp_path / "run" / "result.json").unlink()
     ckpt = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
     state["evil"] = Evil()
     torch.save(state, ckpt)
-    with pytest.raises(ValueError, match="unreadable checkpoint"):
+    with pytest.raises(RunError, match="unreadable checkpoint"):
         train(c, resume=True)
     assert not (tmp_path / "PWNED").exists()
 
@@ -216,6 +219,227 @@ def test_a_malicious_official_pickle_is_refused(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "dsimagenet", "info", str(d)], capture_output=True, text=True)
     assert r.returncode == 1 and "refused to load" in r.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def _stop_after(epoch):
+    """An ``on_epoch`` that stops the run after ``epoch``'s line and checkpoint, as a kill there would."""
+    def hook(line):
+        if line["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return hook
+
+
+def _lines(run):
+    return [{k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_s" not in k}
+            for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_killed_after_its_last_checkpoint_the_run_resumes_to_its_result(tmp_path):
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, **FAST)
+    whole = train(TrainConfig(**{**c.__dict__, "out": str(tmp_path / "whole")}))
+    with pytest.raises(KeyboardInterrupt):  # the last checkpoint is written, result.json is not
+        train(c, on_epoch=_stop_after(2))
+    assert not (tmp_path / "run" / "result.json").exists()
+    resumed = train(c, resume=True)  # the same process again: the run directory was let go
+    timing = ("train_seconds", "train_images_per_s")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    assert resumed["status"] == "finished"
+    assert (tmp_path / "run" / "per_class.csv").read_text() == (tmp_path / "whole" / "per_class.csv").read_text()
+    assert _lines(tmp_path / "run") == _lines(tmp_path / "whole")
+
+
+def test_two_trainings_into_one_run_directory(tmp_path):
+    data = learnable_native(tmp_path / "d")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dsimagenet", "train", "--data", str(data), "--out", str(out), "--epochs", "1000",
+           "--depth", "6", "--batch-size", "16", "--device", "cpu", "--quiet"]
+    first = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, "the first training ended early"
+        c = TrainConfig(data=str(data), out=str(out), epochs=1000, **{**FAST, "lr": 0.01})
+        for resume in (False, True):  # a second run, and a --resume while the run is going
+            with pytest.raises(RunError, match=f"{out}: another process \\(pid {first.pid}\\) is training this run"):
+                train(c, resume=resume)
+        r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"(pid {first.pid})" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    from dsimagenet.runs import hold
+
+    with hold(out):  # the lock died with its process
+        pass
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
+    ours = learnable_native(tmp_path / "ours")
+    theirs = learnable_native(tmp_path / "theirs", seed=5)
+    c = TrainConfig(data=str(ours), out=str(tmp_path / "run"), epochs=2, **FAST)
+    others = {"other data": TrainConfig(**{**c.__dict__, "data": str(theirs), "out": str(tmp_path / "a")}),
+              "other width": TrainConfig(**{**c.__dict__, "width": 2, "out": str(tmp_path / "b")})}
+    for cfg in (c, *others.values()):
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, on_epoch=_stop_after(1))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    own = tmp_path / "own.pt"
+    own.write_bytes(ckpt.read_bytes())
+    fix = "; remove it to restart the run from the beginning"
+    cases = [(tmp_path / "a" / "checkpoint.pt", None, "belongs to a run on other data \\(dataset fingerprint"),
+             (tmp_path / "b" / "checkpoint.pt", None, "belongs to another run: width is 2 there, 1 here"),
+             # a checkpoint from before the configuration was stored in it: its tensors tell
+             (tmp_path / "b" / "checkpoint.pt", lambda s: s.pop("config"),
+              "does not fit this run's model \\(WRN-6-1, 1000 classes, 8 px\\): blocks.0.conv1.weight is "
+              "\\(32, 16, 3, 3\\) there, \\(16, 16, 3, 3\\) here"),
+             (own, lambda s: s["model"]["fc.weight"].view(-1).__setitem__(7, float("nan")),
+              "fc.weight holds NaN or infinite values"),
+             (own, lambda s: s["optimizer"]["state"][0]["momentum_buffer"].view(-1).__setitem__(0, float("inf")),
+              "optimizer state 0 momentum_buffer holds NaN"),
+             (own, lambda s: s.update(epoch=3), "at epoch 3 step 0, outside this run \\(2 epochs of 8 steps\\)"),
+             (own, lambda s: s.pop("rng_cpu"), "not a checkpoint of this trainer \\(no rng_cpu\\)")]
+    for source, change, message in cases:
+        state = torch.load(source, weights_only=True)
+        if change is not None:
+            change(state)
+        torch.save(state, ckpt)
+        with pytest.raises(RunError, match=f"^{ckpt}: {message}.*{fix}$"):
+            train(c, resume=True)
+    ckpt.write_bytes(own.read_bytes())
+    assert train(c, resume=True)["status"] == "finished"
+
+
+def test_divergence_stops_the_run_with_exit_status_3(tmp_path, capsys):
+    from dsimagenet.cli import main
+    from dsimagenet.runs import load_run
+
+    data = learnable_native(tmp_path / "d")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(out), "--epochs", "3", "--depth", "6", "--batch-size", "32",
+            "--lr", "1e6", "--device", "cpu", "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dsimagenet train: error: {out}: diverged in epoch 1 by step ")
+    assert "start a new one with a lower --lr (it was 1e+06)" in err
+    result = _strict_json((out / "result.json").read_text())
+    assert sorted(result) == ["epoch", "message", "status", "step"] and result["status"] == "diverged"
+    assert result["epoch"] == 1 and err.strip().endswith(result["message"])
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        _strict_json(line)
+    if (out / "checkpoint.pt").exists():  # none with broken weights is ever written
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert load_run(out).status == "diverged" and not load_run(out).finished
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main([*argv, "--resume"]) == 3  # diverged is final: not trained again
+    assert (out / "metrics.jsonl").read_bytes() == before and result["message"] in capsys.readouterr().err
+
+
+def test_a_non_finite_validation_loss_is_divergence(tmp_path, monkeypatch):
+    from dsimagenet import train as train_module
+    from dsimagenet.errors import Diverged
+
+    real = train_module.evaluate
+
+    def infinite_second_time(*a, **k):
+        ev = real(*a, **k)
+        calls.append(1)
+        return {**ev, "val_loss": float("inf")} if len(calls) == 2 else ev
+
+    calls = []
+    monkeypatch.setattr(train_module, "evaluate", infinite_second_time)
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=3, **FAST)
+    with pytest.raises(Diverged, match="diverged in epoch 2 by step 8/8: the validation loss is inf"):
+        train(c)
+    assert [m["epoch"] for m in _lines(tmp_path / "run")] == [1]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_disk_full_while_checkpointing_names_the_checkpoint_and_keeps_the_last(tmp_path, monkeypatch):
+    import errno
+
+    from dsimagenet.errors import describe_os_error
+
+    real, calls = torch.save, []
+
+    def full_second_time(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, **FAST)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    monkeypatch.setattr(torch, "save", full_second_time)
+    with pytest.raises(OSError) as e:
+        train(c)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(ckpt)
+    assert describe_os_error(e.value) == f"{ckpt}: No space left on device; the previous checkpoint is kept"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [".run.lock", "checkpoint.pt", "config.json",
+                                                             "metrics.jsonl"]
+    assert train(c, resume=True)["status"] == "finished"
+    assert [m["epoch"] for m in _lines(tmp_path / "run")] == [1, 2]
+
+
+def test_a_metrics_line_cut_short_resumes_and_a_damaged_one_is_named(tmp_path):
+    from dsimagenet.runs import load_run
+
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, **FAST)
+    train(TrainConfig(**{**c.__dict__, "out": str(tmp_path / "whole")}))
+    with pytest.raises(KeyboardInterrupt):
+        train(c, on_epoch=_stop_after(1))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"epoch": 2, "lr": 0.0')  # killed while appending epoch 2's line
+    assert [m["epoch"] for m in load_run(tmp_path / "run").metrics] == [1]
+    train(c, resume=True)
+    assert _lines(tmp_path / "run") == _lines(tmp_path / "whole")
+    metrics.write_text("garbage\n" + metrics.read_text())
+    with pytest.raises(RunError, match="metrics.jsonl: line 1 is damaged"):
+        load_run(tmp_path / "run")
+
+
+def test_out_that_is_a_file_or_another_folder_is_refused_untouched(tmp_path):
+    data = learnable_native(tmp_path / "d")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    with pytest.raises(RunError, match="notes.txt: --out exists and is not a folder"):
+        train(TrainConfig(data=str(data), out=str(afile), epochs=1, **FAST))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"x")
+    for resume in (False, True):
+        with pytest.raises(RunError, match=r"photos: not a run directory \(no config.json\) and not empty \(cat.jpg"):
+            train(TrainConfig(data=str(data), out=str(folder), epochs=1, **FAST), resume=resume)
+    assert afile.read_text() == "mine" and [p.name for p in folder.iterdir()] == ["cat.jpg"]
+
+
+def test_resume_without_a_checkpoint_or_without_a_run_starts_from_the_beginning(tmp_path):
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=2, **FAST)
+    train(TrainConfig(**{**c.__dict__, "out": str(tmp_path / "whole")}))
+    with pytest.raises(KeyboardInterrupt):
+        train(c, on_epoch=_stop_after(1))
+    (tmp_path / "run" / "checkpoint.pt").unlink()  # killed before its first checkpoint
+    train(c, resume=True)
+    assert _lines(tmp_path / "run") == _lines(tmp_path / "whole")
+    fresh = TrainConfig(**{**c.__dict__, "out": str(tmp_path / "fresh")})
+    train(fresh, resume=True)  # nothing to continue: --resume starts it (a sweep or a script can always pass it)
+    assert _lines(tmp_path / "fresh") == _lines(tmp_path / "whole")
 
 
 # --- many random kills (make reliability) ------------------------------------------------------------------
@@ -250,23 +474,39 @@ def test_build_survives_20_random_kills(rel, tmp_path):
     assert landed >= 10
 
 
+def _identity(path):
+    """Which file is at ``path`` now: an atomic replace makes a new one (a new inode)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 @pytest.mark.reliability
 def test_training_survives_10_random_kills(tmp_path):
+    """Each kill comes after a random number (0-3) of checkpoints seen written, then a random moment more
+    (up to 50 ms: between writes, inside one, or after the last one before result.json): events, not a guess of
+    how long the machine takes."""
     data = learnable_native(tmp_path / "d", per_class=24)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = lambda out: [sys.executable, "-m", "dsimagenet", "train", "--data", str(data), "--out", str(out),  # noqa
                        "--epochs", "4", "--depth", "6", "--batch-size", "16", "--lr", "0.05", "--device", "cpu",
                        "--dropout", "0.1", "--checkpoint-every-steps", "2", "--quiet"]
-    t = time.time()
     subprocess.run(cmd(tmp_path / "whole"), check=True, env=env)
-    full = time.time() - t
     rng = random.Random(10)
-    landed = 0
-    out = tmp_path / "killed"
+    landed, out = 0, tmp_path / "killed"
+    ckpt = out / "checkpoint.pt"
     for _ in range(10):
-        p = subprocess.Popen(cmd(out) + (["--resume"] if (out / "config.json").exists() else []), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, full))
+        # --resume also starts a run that has no run directory yet
+        p = subprocess.Popen(cmd(out) + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wanted, seen, last = rng.randint(0, 3), 0, _identity(ckpt)  # of the 24 the whole run writes
+        deadline = time.time() + 300
+        while seen < wanted and p.poll() is None and time.time() < deadline:
+            now = _identity(ckpt)
+            seen, last = seen + (now != last), now
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             landed += 1
@@ -275,12 +515,7 @@ def test_training_survives_10_random_kills(tmp_path):
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-    def lines(run):
-        return [{k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_s" not in k}
-                for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert lines(tmp_path / "whole") == lines(out)  # every epoch once, with the same numbers
+    assert _lines(tmp_path / "whole") == _lines(out)  # every epoch once, with the same numbers
     (tmp_path.parent / "train_kills.json").write_text(json.dumps({"kills": 10, "landed": landed}))
     assert landed >= 5
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsimagenet.model import WideResNet
-from dsimagenet.runs import load_runs
+from dsimagenet.runs import RunError, load_runs
 from dsimagenet.train import TrainConfig, learning_rate, make_optimizer, topk_correct, train
 
 FAST = dict(depth=6, width=1, batch_size=32, lr=0.05, log_every=1000, quiet=True, device="cpu")
@@ -123,7 +123,7 @@ def test_resume_refuses_other_config_or_data(learnable, tmp_path):
 
     c = TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=1, **FAST)
     train(c)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="already a run directory: pass --resume"):
         train(c)
     with pytest.raises(ValueError, match="lr was 0.05, now 0.1"):
         train(TrainConfig(**{**c.__dict__, "lr": 0.1}), resume=True)
@@ -198,3 +198,173 @@ def test_compiled_step_matches_eager(learnable, tmp_path):
     assert mixed["top1_error"] == pytest.approx(eager["top1_error"], abs=1e-6)
     last = json.loads((tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 2 and last["train_loss"] == pytest.approx(a[-1]["train_loss"], rel=1e-3)
+
+
+# --- every value checked before anything is written -------------------------------------------------------
+
+# one value out of range for every field of TrainConfig, and the words of the allowed range the error must give
+BAD = {
+    "data": ("", "a path"), "out": ("", "a path"), "size": (0, ">= 1"), "depth": (4, ">= 6"),
+    "width": (0.0, ">= 0.0625"), "dropout": (1.0, "[0, 1)"), "epochs": (0, ">= 1"), "lr": (float("nan"), "> 0"),
+    "schedule": ("linear", "step, cosine, sgdr"), "milestones": ((10, 0), "each >= 1"), "gamma": (0, "> 0"),
+    "sgdr_t0": (0, ">= 1"), "sgdr_mult": (0, ">= 1"), "batch_size": (0, ">= 1"), "momentum": (-0.1, "[0, 1)"),
+    "nesterov": ("yes", "true or false"), "weight_decay": (-1e-4, ">= 0"), "label_smoothing": (5, "[0, 1]"),
+    "augment": ("mixup", "paper, flip, none"), "normalize": ("std", "mean, meanstd"), "classes": (1001, "1..1000"),
+    "max_per_class": (0, ">= 1"), "order": ("random", "devkit, sorted"), "seed": (-1, "0..9223372036854775807"),
+    "device": ("tpu", "auto, cpu, cuda"), "bf16": (1, "true or false"), "channels_last": (None, "true or false"),
+    "compile": ("no", "true or false"), "compile_mode": ("fast", "default, reduce-overhead"),
+    "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), ">= 0"), "checkpoint_every_steps": (0, ">= 1"),
+    "eval_batch_size": (0, ">= 1"), "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
+}
+
+
+def test_every_field_has_a_rule_and_a_bad_value():
+    import dataclasses
+
+    from dsimagenet.recipe import RULES
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(RULES) == sorted(names) == sorted(BAD)
+
+
+@pytest.mark.parametrize("field", sorted(BAD))
+def test_a_bad_value_of_any_field_is_refused_naming_its_flag(field, tmp_path):
+    from dsimagenet.errors import ConfigError
+
+    value, allowed = BAD[field]
+    out = tmp_path / "run"
+    kw = {**FAST, "data": str(tmp_path / "data"), "out": str(out), field: value}
+    with pytest.raises(ConfigError) as e:
+        train(TrainConfig(**kw))
+    flag = "--" + field.replace("_", "-")
+    assert str(e.value).startswith(f"{flag} must be ") and allowed in str(e.value) and repr(value) in str(e.value)
+    assert not out.exists()
+
+
+def test_fields_in_range_pass_and_cross_field_rules():
+    from dsimagenet.errors import ConfigError
+
+    ok = TrainConfig(data="x", out="y", size=8, depth=6, width=0.0625, dropout=0.0, lr=1e6, milestones=[],
+                     label_smoothing=1.0, seed=2**63 - 1, checkpoint_minutes=0, classes=1000, momentum=0.0)
+    assert ok.milestones == ()
+    with pytest.raises(ConfigError, match="--depth must be 4 \\+ 2 \\* n \\* stacks"):
+        TrainConfig(data="x", out="y", depth=7)
+    with pytest.raises(ConfigError, match="--nesterov needs a --momentum above 0"):
+        TrainConfig(data="x", out="y", nesterov=True, momentum=0.0)
+    from pathlib import Path
+
+    assert TrainConfig(data=Path("a/b"), out=Path("c")).data == "a/b"  # paths become the strings config.json keeps
+
+
+@pytest.mark.parametrize("t0, mult", [(0, 2), (10, 0), (1, -1)])
+def test_the_sgdr_learning_rate_cannot_loop_forever(t0, mult):
+    """A config that slipped past the checks (built around __post_init__) still ends in an error, not a hang."""
+    from dsimagenet.errors import ConfigError
+
+    c = TrainConfig(data="x", out="y", schedule="sgdr")
+    object.__setattr__(c, "sgdr_t0", t0)
+    object.__setattr__(c, "sgdr_mult", mult)
+    with pytest.raises(ConfigError, match="--sgdr-t0 and --sgdr-mult must be integers >= 1"):
+        learning_rate(c, 25, 0, 10)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--schedule", "sgdr", "--sgdr-t0", "0"], "--sgdr-t0 must be an integer >= 1, not 0"),
+    (["--schedule", "sgdr", "--sgdr-mult", "0"], "--sgdr-mult must be an integer >= 1, not 0"),
+    (["--log-every", "0"], "--log-every must be an integer >= 1, not 0"),
+    (["--label-smoothing", "5"], "--label-smoothing must be a number in [0, 1], not 5.0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..9223372036854775807, not -1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be an integer >= 1, not 0"),
+    (["--size", "16"], "--size 16: the data "),
+])
+def test_bad_values_on_the_command_line_are_one_line_and_create_nothing(learnable, tmp_path, capsys, flags,
+                                                                         message):
+    from dsimagenet.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(learnable), "--out", str(out), "--depth", "6", "--device", "cpu", "--quiet",
+               *flags])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"dsimagenet train: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch without a usable GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(learnable, tmp_path):
+    from dsimagenet.errors import ConfigError
+
+    c = TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=1, **{**FAST, "device": "cuda"})
+    with pytest.raises(ConfigError, match=r"--device cuda: no CUDA GPU is available to torch .*: use --device cpu"):
+        train(c)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_too_small_for_the_processes_is_refused_before_anything_is_written(tmp_path):
+    """torchrun with 2 processes on 8 images (16 samples with their mirrors) and a batch of 32: no whole global
+    batch, which several processes need (they drop the last partial one)."""
+    from conftest import learnable_native
+
+    from dsimagenet.errors import ConfigError
+    from dsimagenet.train import check_environment
+
+    data = learnable_native(tmp_path / "small", per_class=2)
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST)
+    device, tr, va = check_environment(c, world=1)  # one process trains on the partial batch
+    assert device == "cpu" and len(tr) == 8 and len(va) == 32
+    with pytest.raises(ConfigError, match=r"--batch-size 32: .* gives 16 samples an epoch \(8 images, each also "
+                                          r"mirrored\), less than one batch, and 2 processes .* at most 16"):
+        check_environment(c, world=2)
+    with pytest.raises(ConfigError, match="--batch-size 32 must be a multiple of the 3 processes"):
+        check_environment(c, world=3)
+    assert not (tmp_path / "run").exists()
+
+
+def test_classes_beyond_the_data_and_classes_without_images(tmp_path):
+    from dsimagenet.errors import ConfigError
+    from dsimagenet.formats.native import NativeWriter
+    from dsimagenet.labels import IMAGENET
+    from dsimagenet.train import check_environment
+
+    rng = np.random.default_rng(0)
+    with NativeWriter(tmp_path / "four", 8, list(IMAGENET.wnids[:4]), method="synthetic") as w:
+        for split, labels in (("train", [1, 2]), ("val", [3, 4])):
+            w.split(split).append(rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), np.repeat(labels, 4))
+    c = TrainConfig(data=str(tmp_path / "four"), out=str(tmp_path / "run"), classes=5, epochs=1, **FAST)
+    with pytest.raises(ConfigError, match="--classes 5: .*four has 4 classes"):
+        train(c)
+    c = TrainConfig(**{**c.__dict__, "classes": 4, "max_per_class": 1})  # classes without training images: fine
+    assert train(c)["status"] == "finished"
+    with pytest.raises(ConfigError, match="--data .*: no val images of the first 2 classes"):
+        check_environment(TrainConfig(**{**c.__dict__, "classes": 2, "out": str(tmp_path / "r2")}))
+
+    from conftest import learnable_native
+
+    sixteen = learnable_native(tmp_path / "sixteen", size=16, per_class=2)
+    with pytest.raises(ConfigError, match=r"--depth 6 is not 4 \+ 2 \* n \* 2 \(2 stacks for 16 px images\): try 20"):
+        train(TrainConfig(**{**c.__dict__, "data": str(sixteen), "out": str(tmp_path / "r3")}))
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+def test_run_status_finished_diverged_unfinished(tmp_path):
+    from dsimagenet.runs import load_run
+
+    def make(name, result, metrics=({"epoch": 1, "top1_error": 50.0},)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": {"lr": 0.1}}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        if result is not None:
+            (tmp_path / name / "result.json").write_text(json.dumps(result))
+
+    make("a_finished", {"status": "finished", "top1_error": 50.0})
+    make("b_old", {"top1_error": 50.0})  # written before "status" existed
+    make("c_diverged", {"status": "diverged", "epoch": 1, "step": 4, "message": "m"})
+    make("d_unfinished", None)
+    make("e_old_nan", {"top1_error": 81.0}, [{"epoch": 1, "train_loss": float("nan")}])  # an old diverged run
+    got = {r.path.name: (r.status, r.finished, r.diverged) for r in load_runs(tmp_path, finished_only=False)}
+    assert got == {"a_finished": ("finished", True, False), "b_old": ("finished", True, False),
+                   "c_diverged": ("diverged", False, True), "d_unfinished": ("unfinished", False, False),
+                   "e_old_nan": ("diverged", False, True)}
+    assert [r.path.name for r in load_runs(tmp_path)] == ["a_finished", "b_old"]
+    (tmp_path / "a_finished" / "result.json").write_text('{"status": "finished", "top1')
+    with pytest.raises(RunError, match="a_finished/result.json: not valid JSON"):
+        load_run(tmp_path / "a_finished")
