@@ -6,13 +6,19 @@ describe a dataset.
 
 Memory stays at about one input batch: batches are streamed, written in chunks of rows with plain file writes
 (no memory map grows), and never concatenated.
+
+``--out`` is all or nothing: it is new, empty, or a dataset folder dsimagenet wrote, and is replaced whole by
+a folder written beside it (see ``recover`` for what a kill at any step leaves, and how it is finished).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,61 +174,196 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_stages(dst: Path) -> None:
-    """Staging folders of conversions into ``dst`` that were killed (their process is gone)."""
-    prefix = f".{dst.name}{_STAGE}"
-    for p in dst.parent.glob(prefix + "*"):
+# A conversion into ``dst`` lives beside it under hidden names that carry its process id:
+#   .<dst>.convert-<pid>   being written (incomplete)
+#   .<dst>.new-<pid>       complete, about to be renamed into place
+#   .<dst>.old-<pid>       the folder it replaces, between the two renames and until removed
+# Each step is one rename, so a kill between any two leaves either the old or the new complete folder, and the
+# next conversion into ``dst`` (``recover``) finishes or undoes what a dead process left.
+_NEW, _OLD = ".new-", ".old-"
+
+
+def _hidden(dst: Path, kind: str, pid: int | None = None) -> Path:
+    return dst.parent / f".{dst.name}{kind}{os.getpid() if pid is None else pid}"
+
+
+def _dead(dst: Path, kind: str) -> dict[int, Path]:
+    prefix = f".{dst.name}{kind}"
+    found = {}
+    for p in dst.parent.glob(glob.escape(prefix) + "*"):
         pid = p.name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            found[int(pid)] = p
+    return found
 
 
-def _commit(stage: Path, dst: Path) -> None:
-    """Give the finished files in ``stage`` their final names under ``dst``: one rename of the folder when
-    ``dst`` is new; else file by file, meta.json and the manifest last (the old meta.json is removed first,
-    so that the folder is never a native dataset of old metadata and new arrays)."""
-    with contextlib.suppress(OSError):  # a folder that is not there, or appeared meanwhile: file by file
-        os.rename(stage, dst)
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (the parent of ``dst``) while renames there are decided and made: two
+    conversions into one ``dst`` commit one after the other, never interleaved."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _swap(new: Path, dst: Path, old: Path) -> None:
+    """The complete folder ``new`` becomes ``dst``: the existing ``dst`` is renamed away to ``old``, ``new``
+    renamed in, ``old`` removed."""
+    moved = dst.exists() or dst.is_symlink()
+    if moved:
+        os.rename(dst, old)
         fsync_dir(dst.parent)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        if moved:
+            os.rename(old, dst)
+        raise
+    fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(dst: str | Path) -> None:
+    """Finish what conversions into ``dst`` that were killed left: an incomplete folder is removed; a complete
+    one is put in place (the latest, when several); a replaced folder is removed."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
         return
-    files = sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.name in (native.META, MANIFEST),
-                                                                               str(p)))
-    if (stage / native.META).exists():
-        (dst / native.META).unlink(missing_ok=True)
-    for p in files:
-        target = dst / p.relative_to(stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(p, target)
-        fsync_dir(target.parent)
-    shutil.rmtree(stage)
+    for p in _dead(dst, _STAGE).values():
+        shutil.rmtree(p, ignore_errors=True)
+    news, olds = _dead(dst, _NEW), _dead(dst, _OLD)
+    if news:
+        latest = max(news, key=lambda pid: news[pid].stat().st_mtime_ns)
+        for pid, p in news.items():
+            if pid != latest:
+                shutil.rmtree(p, ignore_errors=True)
+        if dst.exists() and latest in olds:  # not possible by our renames: dst was made by someone since
+            shutil.rmtree(news[latest], ignore_errors=True)
+        else:
+            _swap(news[latest], dst, _hidden(dst, _OLD, latest))
+    for p in olds.values():
+        shutil.rmtree(p, ignore_errors=True)
+
+
+_NATIVE_ENTRIES = {native.META, "mean.npy", *native.SPLITS}
+
+
+def _entry_format(name: str) -> str | None:
+    """Which output format a top-level entry of a dataset folder belongs to (None: the manifest, or not ours)."""
+    if name in _NATIVE_ENTRIES:
+        return "native"
+    m = _BATCH_NAME.match(name)
+    if m:
+        return "npz" if m.group(3) else "pickle"
+    return None
+
+
+_BATCH_NAME = re.compile(r"^(train_data_batch_([1-9]|10)|val_data)(\.npz)?$")
+
+
+def _foreign(dst: Path) -> list[str]:
+    """The entries of ``dst`` that no dsimagenet writer makes (its temp files aside)."""
+    bad = []
+    for p in sorted(dst.iterdir()):
+        if p.name.startswith(".") and ".tmp-" in p.name:
+            continue
+        fmt = _entry_format(p.name)
+        if p.name == MANIFEST or (fmt is not None and fmt != "native"):
+            ok = p.is_file() and not p.is_symlink()
+        elif p.name in native.SPLITS:
+            ok = p.is_dir() and not p.is_symlink() and all(
+                q.name in native.ARRAYS or (q.name.startswith(".") and ".tmp-" in q.name) for q in p.iterdir())
+        else:
+            ok = fmt == "native" and p.is_file() and not p.is_symlink()
+        if not ok:
+            bad.append(p.name)
+    return bad
+
+
+def _check_out(dst: Path, in_place: bool) -> None:
+    """``--out`` may be new, empty, or a dataset folder dsimagenet wrote (meta.json or manifest.json, and
+    nothing but our files): it is replaced whole. Anything else would be lost with it, and is refused."""
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ConfigError(f"{dst}: --out must be a folder, and this is a file")
+    if not any(dst.iterdir()):
+        return
+    foreign = _foreign(dst)
+    if foreign:
+        raise ConfigError(f"{dst}: --out holds files dsimagenet does not write ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}); convert replaces --out whole, so choose a new "
+                          "or empty folder")
+    if not in_place and not ((dst / native.META).is_file() or (dst / MANIFEST).is_file()):
+        raise ConfigError(f"{dst}: --out holds dataset files that dsimagenet did not write (no meta.json or "
+                          "manifest.json); convert replaces --out whole, so choose a new or empty folder")
+
+
+def _carry(dst: Path, stage: Path, formats: list[str]) -> None:
+    """A conversion of a folder into itself adds formats: the files of the formats not written now are carried
+    into the new folder as hard links (copies where the file system has none), the manifest unless a new one
+    was written; the written formats' old files (a stale val_data) are not."""
+    for p in dst.iterdir():
+        fmt = _entry_format(p.name)
+        if fmt in formats or (p.name.startswith(".") and ".tmp-" in p.name):
+            continue
+        if p.name == MANIFEST and (stage / MANIFEST).exists():
+            continue
+        for f in ([p] if p.is_file() else sorted(q for q in p.iterdir() if q.name in native.ARRAYS)):
+            target = stage / f.relative_to(dst)
+            target.parent.mkdir(exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copyfile(f, target)
 
 
 def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: str | None = None) -> dict:
     """Write ``src`` (any format) to ``dst`` in each of ``formats``; returns counts per split.
 
-    Every file is written into a folder beside ``dst`` and moved into place only when all are complete: a
-    failed or interrupted conversion leaves nothing under a final name (its temporary folder is removed, or,
-    after a kill, by the next conversion into ``dst``)."""
+    ``dst`` is new, empty, or a dataset folder dsimagenet wrote, and is replaced whole: every file is written
+    into a hidden folder beside it, which is renamed into place when complete (the old folder renamed away
+    first, then removed). A failed conversion leaves ``dst`` as it was; a killed one leaves the old or the new
+    complete folder, and the next conversion into ``dst`` removes or finishes what it left. Converting a
+    folder into itself adds the formats written and keeps the others."""
     bad = [f for f in formats if f not in OUT_FORMATS]
-    if bad or not formats:
-        raise ConfigError(f"--formats must be among {OUT_FORMATS}, got {formats}")
+    if bad or not formats or len(set(formats)) != len(formats):
+        raise ConfigError(f"--formats must be among {OUT_FORMATS}, one or more, each once, got {formats}")
     dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(f"{dst}: --out must be a folder, and this is a file")
-    if Path(src).is_dir() and Path(src).resolve() in dst.resolve().parents:
+    if dst.is_symlink():  # the folder the link points to is replaced, and the link kept
+        dst = Path(os.path.realpath(dst))
+    src_path = Path(src).resolve()
+    in_place = src_path == dst.resolve()
+    if Path(src).is_dir() and not in_place and src_path in dst.resolve().parents:
         raise ConfigError(f"{dst}: --out inside the source folder {src}: its files would be read as part of the "
                           "source by the next reader; choose a folder outside it")
+    if dst.resolve() in src_path.parents:
+        raise ConfigError(f"{dst}: --out holds the source {src}: replacing --out would delete it; choose "
+                          "another folder")
+    if dst.parent.is_dir():
+        with _locked(dst.parent):
+            recover(dst)
+    _check_out(dst, in_place)
     source = open_source(src, src_format)
-    if dst.exists() and Path(src).resolve() == dst.resolve() and source.format in formats:
+    if in_place and source.format in formats:
         raise ConfigError(f"{dst}: converting a dataset onto itself in its own format would overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(dst)
-    stage = dst.parent / f".{dst.name}{_STAGE}{os.getpid()}"
+    stage = _hidden(dst, _STAGE)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         counts = _write(source, Path(src), stage, formats)
-        _commit(stage, dst)
+        if in_place:
+            _carry(dst, stage, formats)
+        fsync_dir(stage)
+        with _locked(dst.parent):
+            _check_out(dst, in_place)  # what another process may have put there meanwhile
+            new = _hidden(dst, _NEW)
+            os.rename(stage, new)
+            _swap(new, dst, _hidden(dst, _OLD))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

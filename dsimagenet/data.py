@@ -56,6 +56,10 @@ def epoch_plan(n: int, epoch: int, seed: int, augment: str, shuffle: bool) -> Ep
     return EpochPlan(index.astype(np.int64), flip, shift)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -74,18 +78,20 @@ class Stats:
     kind: str | None
     mean: np.ndarray  # (S, S, 3) for "mean", (3,) for "meanstd", () zero for None
     scale: np.ndarray  # 255, or per-channel std * 255
+    wnids: tuple[str, ...] | None = None  # the classes of the split they come from, in label order
 
 
 def compute_stats(dataset, normalize: str | None) -> Stats:
+    wnids = tuple(dataset.wnids) if getattr(dataset, "wnids", None) is not None else None
     if normalize not in NORMALIZE:
         raise ConfigError(f"normalize (--normalize) must be one of {NORMALIZE}, not {normalize!r}")
     if normalize is None:
-        return Stats(None, np.zeros(()), np.array(255.0))
+        return Stats(None, np.zeros(()), np.array(255.0), wnids)
     if normalize == "mean":
         if dataset.mean is None:
             raise ConfigError("this split carries no mean image (official val files do not): pass "
                              "stats=<the training Loader>.stats")
-        return Stats("mean", np.asarray(dataset.mean, np.float64), np.array(255.0))
+        return Stats("mean", np.asarray(dataset.mean, np.float64), np.array(255.0), wnids)
     s1, s2, n = np.zeros(3), np.zeros(3), 0
     for a in range(0, len(dataset.data), 65536):
         chunk = np.asarray(dataset.data[a: a + 65536], np.float64).reshape(-1, 3)
@@ -93,7 +99,7 @@ def compute_stats(dataset, normalize: str | None) -> Stats:
         s2 += (chunk * chunk).sum(0)
         n += len(chunk)
     mean = s1 / n
-    return Stats("meanstd", mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0)))
+    return Stats("meanstd", mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0)), wnids)
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,12 @@ class Loader:
                  resident: bool | None = None, rank: int = 0, world_size: int = 1):
         if augment not in AUGMENTS:
             raise ConfigError(f"augment (--augment) must be one of {AUGMENTS}, not {augment!r}")
-        if batch_size < 1 or batch_size % world_size:
-            raise ConfigError(f"batch_size (--batch-size) {batch_size} must be a positive multiple of the number "
-                              f"of processes, {world_size}")
+        if not _is_int(world_size) or world_size < 1 or not _is_int(rank) or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank!r:.20} and world_size {world_size!r:.20}: world_size must be an integer "
+                              "of at least 1 and rank an integer in 0..world_size - 1")
+        if not _is_int(batch_size) or batch_size < 1 or batch_size % world_size:
+            raise ConfigError(f"batch_size (--batch-size) {batch_size!r:.20} must be a positive multiple of the "
+                              f"number of processes, {world_size}")
         if len(dataset) == 0:
             where = f"{getattr(dataset, 'root', 'the dataset')} {getattr(dataset, 'split', '')}".strip()
             raise ConfigError(f"{where}: no images to load (the split is empty, or --classes / --max-per-class "
@@ -137,9 +146,14 @@ class Loader:
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.augment, self.shuffle, self.seed, self.drop_last = augment, shuffle, seed, drop_last
         self.dtype, self.channels_last, self.rank, self.world_size = dtype, channels_last, rank, world_size
+        if drop_last and (2 * len(dataset) if augment == "paper" else len(dataset)) < batch_size:
+            raise ConfigError(f"batch_size (--batch-size) {batch_size} is more than the {len(dataset)} images of "
+                              f"the split{' (twice, mirrored)' if augment == 'paper' else ''}: with drop_last an "
+                              "epoch would have no batch")
         self.stats = stats if stats is not None else compute_stats(dataset, normalize)
         self.n = len(dataset)
         self.size = dataset.data.shape[1]
+        self._check_stats(dataset)
         self.targets = np.asarray(dataset.targets, np.int64)
         data = dataset.data
         if resident is None:
@@ -161,6 +175,21 @@ class Loader:
         self._norm = self._normalisation()
         self._buf: tuple[torch.Tensor, ...] | None = None
         self.epoch_index = 0
+
+    def _check_stats(self, dataset) -> None:
+        """Stats handed in (``stats=train_loader.stats``) must fit this split: images of the same size, and the
+        same classes in the same label order (a val split opened with another ``order`` or ``classes`` would be
+        scored against the wrong labels without a word)."""
+        s = self.stats
+        try:
+            np.broadcast_shapes(np.shape(s.mean), np.shape(s.scale), (self.size, self.size, 3))
+        except ValueError:
+            raise ConfigError(f"stats for images of shape {np.shape(s.mean)}, and this split's are "
+                              f"{self.size}x{self.size}: they come from another dataset") from None
+        wnids = getattr(dataset, "wnids", None)
+        if s.wnids is not None and wnids is not None and tuple(wnids) != s.wnids:
+            raise ConfigError(f"this split's {len(wnids)} classes are not the stats' split's {len(s.wnids)} classes "
+                              "in the same label order: open both with the same order= and classes=")
 
     @property
     def samples_per_epoch(self) -> int:

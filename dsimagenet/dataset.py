@@ -12,6 +12,7 @@ Native datasets open as memory maps in milliseconds; the official files are unpi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -120,6 +121,10 @@ def find_members(path: str | Path) -> list[official.Member]:
 def detect_format(path: str | Path) -> str:
     """"native", "pickle" or "npz", from the files at ``path``."""
     path = Path(path)
+    if not os.path.lexists(path) and any(path.parent.glob(f".{glob.escape(path.name)}.new-*")):
+        raise FileNotFoundError(f"{path}: missing: a conversion into it was killed between its two renames; "
+                                "its complete output waits beside it and the next `dsimagenet convert` into "
+                                f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
     kinds = {m.kind for m in find_members(path)}
@@ -152,7 +157,11 @@ def _manifest_table(path: Path) -> ClassTable:
     def bad(msg: str) -> official.FormatError:
         return official.FormatError(f"{path}: {msg}")
 
-    with native.open_regular(path, official.FormatError) as f:  # read(n) allocates n bytes: no more than it holds
+    try:
+        f = native.open_regular(path, official.FormatError)
+    except FileNotFoundError:
+        raise bad("a link to nothing") from None
+    with f:  # read(n) allocates n bytes: no more than it holds
         data = f.read(min(os.fstat(f.fileno()).st_size, MAX_MANIFEST_BYTES) + 1)
     if len(data) > MAX_MANIFEST_BYTES:
         raise bad(f"larger than {MAX_MANIFEST_BYTES >> 20} MB: not a manifest dsimagenet wrote")
@@ -195,7 +204,9 @@ def class_table(path: str | Path, fmt: str, members: list[official.Member] | Non
         return _native_table(native.read_meta(path)), "native meta"
     folders = {path} if path.is_dir() else set()
     folders |= {Path(m.where).parent for m in members or find_members(path) if ".zip:" not in m.where}
-    manifests = sorted(f / MANIFEST for f in folders if (f / MANIFEST).is_file())
+    # anything under the name counts (a folder, a FIFO, a link to nothing): it is read, and refused, never
+    # skipped for ImageNet's classes
+    manifests = sorted(f / MANIFEST for f in folders if os.path.lexists(f / MANIFEST))
     if len(manifests) > 1:
         raise official.FormatError(f"{path}: {len(manifests)} manifests ({', '.join(map(str, manifests))}): which "
                                    "one describes these files is unclear")
@@ -222,8 +233,9 @@ def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
         if selector is None:
             return raw, None
         idx, new = selector(raw.labels)
-        if len(idx) < len(raw.labels):
-            raw.images, raw.labels = raw.images[idx], raw.labels[idx]
+        if len(idx) < len(raw.labels):  # read just those rows: indexing the map would read the whole file ahead
+            raw.images = native.read_rows(path / split / "images.npy", s.images_offset, raw.images.shape[1:], idx)
+            raw.labels = raw.labels[idx]
         return raw, new
     members = official.split_members(find_members(path), split, fmt, str(path))
     rows, all_labels, all_new, mean, size = None, [], [], None, None
@@ -280,8 +292,10 @@ class ImageNetDS:
                  format: str | None = None):
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', not {split!r}")
-        if max_per_class is not None and max_per_class < 1:
-            raise ConfigError(f"max_per_class must be at least 1, not {max_per_class}")
+        if max_per_class is not None and (not isinstance(max_per_class, (int, np.integer)) or
+                                          isinstance(max_per_class, bool) or max_per_class < 1):
+            raise ConfigError(f"max_per_class (--max-per-class) must be an integer of at least 1, or None, not "
+                              f"{max_per_class!r:.40}")
         _check_format(format)
         self.root, self.split, self.order = Path(root), split, order
         self.transform, self.target_transform = transform, target_transform

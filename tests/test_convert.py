@@ -8,9 +8,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import zip_folder
 
 from dsimagenet import convert, describe, open_dataset
 from dsimagenet.cli import main
+from dsimagenet.convert import recover
 from dsimagenet.errors import ConfigError
 from dsimagenet.formats import native
 from dsimagenet.formats.official import FormatError
@@ -124,12 +126,157 @@ def test_a_failed_convert_leaves_nothing_under_final_names(tiny, tmp_path):
     with pytest.raises(FormatError, match="val_data"):
         convert(src, tmp_path / "out", ["pickle", "npz", "native"])
     assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
-    # into a folder that holds something already: that stays as it was, nothing is added
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
+    # into a dataset folder it wrote before: that stays exactly as it was, nothing is added
+    convert(tiny.official("npz"), tmp_path / "out", ["npz"])
+    before = snapshot(tmp_path / "out")
     with pytest.raises(FormatError, match="val_data"):
         convert(src, tmp_path / "out", ["pickle"])
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"] and list(tmp_path.glob(".out*")) == []
+    assert snapshot(tmp_path / "out") == before and list(tmp_path.glob(".out*")) == []
+
+
+def snapshot(folder):
+    """Every file under ``folder``: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_only(tiny, name="train_only"):
+    """The tiny dataset's pickles without val_data."""
+    src = tiny.official("pickle", name)
+    (src / "val_data").unlink()
+    return src
+
+
+def test_convert_into_an_existing_dataset_replaces_it_whole(tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny.official(), out, ["pickle", "native"])
+    convert(train_only(tiny), out, ["pickle"])  # no val split: the old val_data must not survive
+    assert sorted(snapshot(out)) == sorted([f"train_data_batch_{i}" for i in range(1, 11)] + ["manifest.json"])
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {"train": 203}
+    with pytest.raises(FileNotFoundError):
+        open_dataset(out, "val")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("kind", ["a file of the user's", "official files without a manifest", "a class tree",
+                                  "a link in place of an array", "a sub folder in train"])
+def test_out_holding_what_dsimagenet_did_not_write_is_refused(tiny, tmp_path, kind):
+    out = tmp_path / "out"
+    if kind == "a file of the user's":
+        convert(tiny.official(), out, ["native"])
+        (out / "notes.txt").write_text("mine")
+    elif kind == "official files without a manifest":
+        out = tiny.official("pickle", "out")  # a download, say: the user's own copy
+    elif kind == "a class tree":
+        (out / "train" / "n01440764").mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+    elif kind == "a link in place of an array":
+        convert(tiny.official(), out, ["pickle"])
+        (out / "val_data").unlink()
+        (out / "val_data").symlink_to(tmp_path / "pickle" / "val_data")
+    else:
+        convert(tiny.official(), out, ["native"])
+        (out / "train" / "mine").mkdir()
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="choose a new or empty folder"):
+        convert(tmp_path / "pickle", out, ["npz"])
+    assert snapshot(out) == before
+    assert main(["convert", str(tmp_path / "pickle"), "--out", str(out), "--formats", "npz"]) == 1
+
+
+def test_convert_into_a_folder_that_holds_the_source_is_refused(tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny.official(), out, ["pickle"])
+    zip_folder(tiny.official(), out / "Imagenet8_train.zip", "Imagenet8_train")
+    with pytest.raises(ConfigError, match="--out holds the source"):
+        convert(out / "Imagenet8_train.zip", out, ["native"])
+    assert (out / "Imagenet8_train.zip").is_file()
+
+
+def test_an_empty_or_linked_out_folder(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    convert(tiny.official(), tmp_path / "empty", ["native"])
+    assert describe(tmp_path / "empty", check=True)["checksums"] == "ok"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    convert(tiny.official(), tmp_path / "link", ["pickle"])  # the folder linked to is replaced, the link kept
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "val_data").is_file()
+
+
+def test_converting_a_folder_into_itself_adds_formats_and_keeps_the_rest(tiny, tmp_path):
+    nat = tmp_path / "nat"
+    convert(tiny.official(), nat, ["native"])
+    native_files = snapshot(nat)
+    convert(nat, nat, ["pickle"])  # what build does for --formats native,pickle
+    convert(nat, nat, ["npz"])
+    files = snapshot(nat)
+    assert {k: files[k] for k in native_files} == native_files
+    assert "val_data" in files and "val_data.npz" in files and "manifest.json" in files
+    same(tiny.official(), nat)
+    assert open_dataset(nat, format="npz").data.shape == (203, 8, 8, 3)
+
+
+def test_formats_empty_or_repeated_are_refused(tiny, tmp_path, capsys):
+    for formats in ("", "native,native", "native,"):
+        capsys.readouterr()
+        assert main(["convert", str(tiny.official()), "--out", str(tmp_path / "o"), "--formats", formats]) == 1
+        assert "--formats must be among" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# the commit: a kill before each of its steps leaves the old or the new complete folder, never a mix; the next
+# conversion into the folder finishes or removes what the dead one left
+_KILL_CHILD = """
+import os, shutil, sys, time
+step, flag = int(sys.argv[1]), sys.argv[2]
+rename, rmtree, n = os.rename, shutil.rmtree, [0]
+def stop():
+    open(flag, "w").close()
+    time.sleep(600)  # killed here
+def counting_rename(a, b):
+    n[0] += 1
+    if n[0] == step:
+        stop()
+    rename(a, b)
+def counting_rmtree(p, *a, **k):
+    if ".old-" in str(p) and step == 4:
+        stop()
+    rmtree(p, *a, **k)
+os.rename, shutil.rmtree = counting_rename, counting_rmtree
+from dsimagenet.convert import convert
+convert(sys.argv[3], sys.argv[4], ["native"])
+"""
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])  # before: staged -> new, dst -> old, new -> dst, removing old
+def test_a_kill_at_each_step_of_the_commit_leaves_old_or_new(tiny, tmp_path, step):
+    out = tmp_path / "out"
+    convert(tiny.official(), out, ["pickle"])
+    old = snapshot(out)
+    src = train_only(tiny)
+    convert(src, tmp_path / "want", ["native"])
+    new = snapshot(tmp_path / "want")
+    flag = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(step), str(flag), str(src), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():  # the event: the child reached the step
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        p.kill()
+        p.wait()
+    if step == 3:  # between the two renames: no folder; the complete new one waits beside it
+        assert not out.exists() and snapshot(tmp_path / f".out.new-{p.pid}") == new
+        with pytest.raises(FileNotFoundError, match="a conversion into it was killed between its two renames"):
+            open_dataset(out)
+    else:
+        assert snapshot(out) == (old if step < 3 else new)
+    recover(out)  # what the next conversion into out does first
+    assert snapshot(out) == (old if step == 1 else new)
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
+    convert(tiny.official(), out, ["npz"])
+    assert sorted(snapshot(out)) == sorted([f"train_data_batch_{i}.npz" for i in range(1, 11)] +
+                                           ["val_data.npz", "manifest.json"])
 
 
 def test_a_killed_convert_leaves_nothing_under_final_names(tiny, tmp_path):
@@ -223,3 +370,18 @@ def test_convert_into_its_own_source_folder_is_refused(tiny):
         convert(src, src / "nat", ["pickle"])
     assert not (src / "nat").exists()
     assert open_dataset(src).data.shape == (203, 8, 8, 3)
+
+
+def test_round_trips_through_our_writers_are_byte_identical(tiny, tmp_path):
+    """Official zip -> native -> pickle -> native -> pickle: each generation of our files is the same bytes as
+    the last (the manifest aside, which names its source); the first pickles hold exactly the zip's data."""
+    zipped = zip_folder(tiny.official(), tmp_path / "Imagenet8_train.zip", "Imagenet8_train")
+    convert(zipped, tmp_path / "n1", ["native"])
+    convert(tmp_path / "n1", tmp_path / "p1", ["pickle"])
+    convert(tmp_path / "p1", tmp_path / "n2", ["native"])
+    convert(tmp_path / "n2", tmp_path / "p2", ["pickle", "npz"])
+    n1, n2, p1, p2 = (snapshot(tmp_path / d) for d in ("n1", "n2", "p1", "p2"))
+    assert {k: v for k, v in n1.items() if k != "meta.json"} == {k: v for k, v in n2.items() if k != "meta.json"}
+    assert {k: v for k, v in p1.items() if k != "manifest.json"} == {
+        k: v for k, v in p2.items() if k != "manifest.json" and not k.endswith(".npz")}
+    same(tiny.official(), tmp_path / "p2")

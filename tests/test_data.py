@@ -127,3 +127,46 @@ def test_bad_arguments_are_config_errors_naming_the_flag(ds, tiny):
     empty.data, empty.targets = empty.data[:0], empty.targets[:0]
     with pytest.raises(ConfigError, match="no images to load"):
         Loader(empty, 8)
+
+
+def test_rank_world_size_and_batch_size_must_be_integers_in_range(ds):
+    from dsimagenet.errors import ConfigError
+
+    for kwargs in ({"world_size": 0}, {"rank": 2, "world_size": 2}, {"rank": -1, "world_size": 2},
+                   {"world_size": 1.0}):
+        with pytest.raises(ConfigError, match="world_size must be an integer of at least 1 and rank"):
+            Loader(ds, 8, **kwargs)
+    for batch_size in (True, 2.5):
+        with pytest.raises(ConfigError, match="--batch-size"):
+            Loader(ds, batch_size)
+
+
+def test_a_batch_larger_than_the_split(ds, tiny):
+    """Without drop_last the one batch is the whole split; with it an epoch would be empty: refused."""
+    from dsimagenet.errors import ConfigError
+
+    val = Loader(open_dataset(tiny.official(), "val"), 1000, augment="none", shuffle=False, stats=Loader(ds).stats)
+    (x, y), = list(val.epoch(0))
+    assert x.shape == (37, 3, 8, 8) and y.tolist() == (tiny.val_labels - 1).tolist()
+    assert [len(y) for _, y in Loader(ds, 1000).epoch(0)] == [2 * 203]  # "paper": every image twice
+    with pytest.raises(ConfigError, match="with drop_last an epoch would have no batch"):
+        Loader(ds, 407, drop_last=True)
+    assert len(Loader(ds, 406, drop_last=True)) == 1
+    one = open_dataset(tiny.official(), classes=["n01440764"], max_per_class=1)
+    assert [tuple(x.shape) for x, _ in Loader(one, 128).epoch(0)] == [(2, 3, 8, 8)]
+
+
+def test_stats_from_another_dataset_or_label_order_are_refused(ds, tiny, tmp_path):
+    from conftest import learnable_native
+
+    from dsimagenet.errors import ConfigError
+
+    stats = Loader(ds, 8).stats
+    with pytest.raises(ConfigError, match="same label order: open both with the same order= and classes="):
+        Loader(open_dataset(tiny.official(), "val", order="sorted"), 8, augment="none", stats=stats)
+    with pytest.raises(ConfigError, match="same label order"):
+        Loader(open_dataset(tiny.official(), "val", classes=5), 8, augment="none", stats=stats)
+    big = learnable_native(tmp_path / "s16", size=16)
+    with pytest.raises(ConfigError, match="they come from another dataset"):
+        Loader(open_dataset(big, "val"), 8, augment="none", stats=stats)
+    Loader(open_dataset(tiny.official(), "val"), 8, augment="none", stats=stats)  # the same classes: fine

@@ -7,6 +7,7 @@ import pytest
 from conftest import write_official, zip_folder
 
 from dsimagenet import IMAGENET, ImageNetDS, convert, open_dataset
+from dsimagenet.errors import ConfigError
 from dsimagenet.formats.official import FormatError
 
 
@@ -256,3 +257,43 @@ def test_arguments_are_config_errors(tiny):
     for kwargs in ({"split": "test"}, {"format": "hdf5"}, {"order": "alphabetical"}, {"max_per_class": 0}):
         with pytest.raises(ConfigError):
             open_dataset(folder, **kwargs)
+
+
+@pytest.mark.parametrize("value", [True, 2.5, "3", 0, -1])
+def test_max_per_class_must_be_a_positive_integer(tiny, value):
+    with pytest.raises(ConfigError, match=r"max_per_class \(--max-per-class\) must be an integer of at least 1"):
+        open_dataset(tiny.official(), max_per_class=value)
+    assert len(open_dataset(tiny.official(), max_per_class=np.int64(10**9))) == 203  # more than any class: all
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a FIFO", "a link to nothing"])
+def test_a_manifest_that_is_not_a_file_is_an_error_never_imagenet(my3classes, kind):
+    import os
+
+    p = my3classes / "manifest.json"
+    p.unlink()
+    if kind == "a folder":
+        p.mkdir()
+    elif kind == "a FIFO":
+        os.mkfifo(p)
+    else:
+        p.symlink_to(my3classes / "nothing")
+    with pytest.raises(FormatError, match="manifest.json: (not a regular file|a link to nothing)"):
+        open_dataset(my3classes)
+
+
+def test_a_class_subset_of_a_native_dataset_reads_only_its_rows(tiny, tmp_path, monkeypatch):
+    """Indexing the memory map with scattered rows makes the kernel read ahead around each: 1% of the classes
+    of a 64 px ImageNet read the whole 15 GB file. Only the rows kept are read."""
+    import os
+
+    convert(tiny.official(), tmp_path / "nat", ["native"])
+    full = open_dataset(tmp_path / "nat")
+    read, preadv = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: read.append(sum(map(len, bufs))) or preadv(fd, bufs, off))
+    ds = open_dataset(tmp_path / "nat", classes=["n01440764", "n02119789"], max_per_class=5)
+    keep = np.flatnonzero(np.isin(full.devkit_labels, [1, 449]))
+    keep = np.concatenate([keep[full.devkit_labels[keep] == k][:5] for k in (1, 449)])
+    keep.sort()
+    np.testing.assert_array_equal(ds.data, np.asarray(full.data)[keep])
+    assert not isinstance(ds.data, np.memmap) and sum(read) == len(keep) * 8 * 8 * 3

@@ -416,3 +416,92 @@ def test_a_fifo_or_device_in_place_of_a_file_is_refused_not_waited_on(nat, name)
     (nat / name).symlink_to("/dev/zero")
     with pytest.raises(NativeFormatError, match=f"{name}: not a regular file"):
         open_dataset(nat, format="native")
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a link to a folder"])
+def test_meta_json_that_is_a_folder_is_named_not_taken_for_no_dataset(nat, kind, capsys):
+    (nat / "meta.json").unlink()
+    if kind == "a folder":
+        (nat / "meta.json").mkdir()
+    else:
+        (nat / "meta.json").symlink_to(nat / "train")
+    with pytest.raises(NativeFormatError, match="meta.json: not a regular file"):
+        open_dataset(nat)
+    assert main(["info", str(nat)]) == 1
+    assert capsys.readouterr().err.endswith("meta.json: not a regular file\n")
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "a sparse file", "another dataset's labels"])
+def test_arrays_that_are_links(nat, tmp_path, target):
+    """A link is followed to what it points at, which is checked like any file: a device is not a file, a
+    sparse file has no .npy header, another dataset's array of the same shape reads (its checksum differs)."""
+    p = nat / "val" / "labels.npy"
+    p.unlink()
+    if target == "/dev/zero":
+        p.symlink_to("/dev/zero")
+        with pytest.raises(NativeFormatError, match="not a regular file"):
+            open_dataset(nat, "val")
+    elif target == "a sparse file":
+        with open(tmp_path / "sparse", "wb") as f:
+            f.truncate(1 << 34)  # 16 GB, none of it on disk
+        p.symlink_to(tmp_path / "sparse")
+        with pytest.raises(NativeFormatError, match="no \\\\x93NUMPY magic"):
+            open_dataset(nat, "val")
+    else:
+        np.save(tmp_path / "other.npy", np.full(37, 3, np.int16))
+        p.symlink_to(tmp_path / "other.npy")
+        assert (open_dataset(nat, "val").targets == 2).all()
+        assert describe(nat)["splits"]["val"] == 37  # info reads no data; --verify does
+        assert any("val/labels.npy: sha256" in x for x in describe(nat, check=True)["checksums"])
+
+
+def test_labels_truncated_while_being_read(nat, monkeypatch):
+    """The header is read and checked, then the file is cut (another process rewriting it) before its data."""
+    header = native.read_npy_header
+
+    def then_cut(path):
+        h = header(path)
+        if path.name == "labels.npy":
+            with open(path, "r+b") as f:
+                f.truncate(h.offset + 10)
+        return h
+
+    monkeypatch.setattr(native, "read_npy_header", then_cut)
+    with pytest.raises(NativeFormatError, match="labels.npy: cut short while being read"):
+        open_dataset(nat, "val")
+
+
+def test_rows_of_an_array_cut_after_it_was_opened(nat):
+    h = native.read_npy_header(nat / "train" / "images.npy")
+    with open(nat / "train" / "images.npy", "r+b") as f:
+        f.truncate(h.offset + 100 * 192)
+    rows = native.read_rows(nat / "train" / "images.npy", h.offset, (8, 8, 3), np.array([1, 2, 99]))
+    assert rows.shape == (3, 8, 8, 3)
+    with pytest.raises(NativeFormatError, match="cut short while being read"):
+        native.read_rows(nat / "train" / "images.npy", h.offset, (8, 8, 3), np.array([5, 100, 101]))
+
+
+def test_info_of_a_huge_sparse_dataset_reads_no_image(nat, monkeypatch):
+    """1.28 million 64 px images claimed by a sparse 15.7 GB images.npy: ``info`` checks headers and labels only
+    (memory ~ the labels, no image byte read); opening it maps the file and reads nothing either."""
+    n, s = 1_281_167, 64
+    meta = json.loads((nat / "meta.json").read_text())
+    meta.pop("mean")
+    meta["image_size"], meta["splits"] = s, {"train": {"count": n, "sha256": {a: "0" * 64 for a in native.ARRAYS}}}
+    (nat / "meta.json").write_text(json.dumps(meta))
+    (nat / "mean.npy").unlink()
+    shutil.rmtree(nat / "val")
+    with open(nat / "train" / "images.npy", "wb") as f:
+        f.write(native._npy_header((n, s, s, 3), np.uint8))
+        f.truncate(128 + n * s * s * 3)
+    np.save(nat / "train" / "labels.npy", np.arange(n, dtype=np.int64) % 1000 + 1)
+    monkeypatch.setattr(native, "_hash_data", lambda *a, **k: pytest.fail("an array was read whole"))
+    tracemalloc.start()
+    try:
+        info = describe(nat)
+        ds = open_dataset(nat)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["splits"] == {"train": n} and isinstance(ds.data, np.memmap) and ds.data.shape == (n, s, s, 3)
+    assert peak < 64 << 20  # the labels (10 MB as int64, twice at most), not the 15.7 GB of images
