@@ -161,18 +161,20 @@ def _sweep(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dsimagenet.recipe import TrainConfig
-    from dsimagenet.sweep import SweepConfig, load_spec, parse_grid, sweep
+    from dsimagenet.sweep import SweepConfig, kind, load_spec, merge_grids, parse_grid, summary, sweep
 
     grid, base = load_spec(args.spec) if args.spec else ({}, {})
     if args.grid:
-        grid.update(parse_grid(args.grid))
+        grid = merge_grids(grid, parse_grid(args.grid), args.spec)
     base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "out" and hasattr(args, f.name)})  # --out is the sweep's folder
+                 if f.name != "out" and hasattr(args, f.name)})  # flags override the spec's base; --out is the sweep's
     outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of,
                                 storage=args.storage))
-    done = sum(1 for v in outcome.values() if v != "running elsewhere")
-    print(f"{args.out}: {done} of {len(outcome)} runs finished here or before; results in {args.out}/results.csv")
-    return 0
+    print(f"{args.out}: {summary(outcome)}; results in {args.out}/results.csv")
+    failed = {n: v for n, v in outcome.items() if kind(v) == "failed"}
+    for name, what in failed.items():
+        print(f"dsimagenet sweep: error: {name}: {what}", file=sys.stderr)
+    return 1 if failed else 0  # a diverged run is a result of its settings (a learning rate too high), not a fault
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -180,6 +182,10 @@ def _report(args: argparse.Namespace) -> int:
 
     written = report(args.runs, args.out)
     print(f"{args.out}: " + ", ".join(sorted(written)) + f"; open {written['index.html']}")
+    if "excluded.csv" in written:  # diverged, unfinished or damaged runs: said, never silently left out
+        with open(written["excluded.csv"], newline="") as f:
+            for row in csv.DictReader(f):
+                print(f"  not in the report: {row['run']}: {row['status']}: {row['why']}")
     return 0
 
 
@@ -193,15 +199,13 @@ def _tune(args: argparse.Namespace) -> int:
     from dsimagenet.tune import TuneConfig, tune
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig) if f.name != "base"}
-    for k in ("lr", "weight_decay"):
-        if len(values[k]) != 2:
-            raise ValueError(f"--{k.replace('_', '-')} takes two numbers, the low and high end")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
             if f.name not in TUNE_OWN and hasattr(args, f.name)}
     s = tune(TuneConfig(**values, base=base))
     best = s["best"]
-    print(f"{args.out}: {s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned); best: "
+    print(f"{args.out}: {s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned, {s['diverged']} "
+          "diverged); best: "
           + (f"trial {best['number']}, top-1 error {best['top1_error']:.2f}%, {best['params']}" if best else "none")
           + f"; storage {s['storage']}")
     return 0
@@ -272,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a grid of training runs",
                        description="Run every combination of --grid (and/or a YAML spec with 'grid' and 'base'), "
-                                   "with the train flags given here as the base; one run directory each under --out. "
-                                   "Finished runs are skipped, interrupted ones resumed; a run is never run twice.")
+                                   "with the train flags given here as the base (they override the spec's base); one "
+                                   "run directory each under --out. Finished runs are skipped, interrupted ones "
+                                   "resumed, diverged ones kept as diverged; a run is never run twice. Runs made "
+                                   "before with other settings are refused, except more --epochs of a step or sgdr "
+                                   "schedule, which continue them. A run that fails is recorded in results.csv and "
+                                   "the others go on; the exit status is then 1.")
     p.add_argument("spec", nargs="?", help="YAML file: grid: {name: [values]}, base: {train flags}")
     p.add_argument("--grid", help='e.g. "method=box,nearest lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
     p.add_argument("--out", required=True, help="the sweep directory")

@@ -36,6 +36,22 @@ class DemoConfig:
     lrs: tuple[float, ...] = (0.01, 0.05, 0.2)
     methods: tuple[str, ...] = ("box", "nearest")
 
+    def __post_init__(self):
+        from dsimagenet.errors import ConfigError
+
+        def whole(v, lo, hi=None):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError("--out must be a folder")
+        for name, lo, hi in (("classes", 2, 1000), ("train_per_class", 1, None), ("val_per_class", 1, None),
+                             ("epochs", 1, None), ("seed", 0, None)):
+            if not whole(getattr(self, name), lo, hi):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}"
+                                  + (f" and <= {hi}" if hi else "") + f", not {getattr(self, name)!r}")
+        if not self.lrs or not self.methods:
+            raise ConfigError("the demo needs at least one learning rate and one method")
+
 
 def class_images(label: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` images of class ``label``: its own colour pair and stripe angle and frequency, random phase,
@@ -119,18 +135,24 @@ def demo(c: DemoConfig = DemoConfig()) -> dict:
     """Run the demo; returns the best run's result; raises RuntimeError if it is not far above chance."""
     from dsimagenet.build import BuildConfig, build
     from dsimagenet.convert import describe
+    from dsimagenet.errors import ConfigError
     from dsimagenet.report import report
     from dsimagenet.runs import load_runs
-    from dsimagenet.sweep import SweepConfig, sweep
+    from dsimagenet.sweep import SweepConfig, kind, sweep
 
     out = Path(c.out)
+    release, built, runs_dir, report_dir = out / "release", out / "built", out / "runs", out / "report"
+    # the sweep's settings are checked (by the train command's rules) before anything is written
+    plan = SweepConfig(out=str(runs_dir), grid={"method": list(c.methods), "lr": list(c.lrs)}, quiet=True,
+                       base={"data": str(built), "size": 16, "depth": 20, "width": 1, "epochs": c.epochs,
+                             "milestones": (c.epochs // 2,) if c.epochs >= 2 else (), "seed": c.seed,
+                             "classes": c.classes, "log_every": 10**9, "quiet": True})
     marker = out / ".dsimagenet-demo"
     if out.exists() and any(out.iterdir()) and not marker.exists():
-        raise FileExistsError(f"{out}: exists and is not a demo folder; choose another --out")
+        raise ConfigError(f"--out {out}: exists and is not a demo folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     t0 = time.perf_counter()
-    release, built, runs_dir, report_dir = out / "release", out / "built", out / "runs", out / "report"
     print(f"[1/4] writing a {c.classes}-class synthetic ILSVRC-2012 release (train tar of class tars, val tar, "
           f"devkit): {release}")
     paths = write_release(release, c)
@@ -141,15 +163,15 @@ def demo(c: DemoConfig = DemoConfig()) -> dict:
     print(f"      {info['splits']['train']:,} train / {info['splits']['val']:,} val images in each of "
           f"{', '.join(sorted(p.name for p in built.iterdir() if p.is_dir() and not p.name.startswith('.')))}; "
           f"checksums {info['checksums']}")
-    grid = {"method": list(c.methods), "lr": list(c.lrs)}
-    base = {"data": str(built), "size": 16, "depth": 20, "width": 1, "epochs": c.epochs,
-            "milestones": (c.epochs // 2,), "seed": c.seed, "classes": c.classes, "log_every": 10**9,
-            "quiet": True}
-    print(f"[3/4] training WRN-20-1 on 16 px with the paper's recipe, shortened ({c.epochs} epochs, lr x0.2 after "
-          f"epoch {c.epochs // 2}, momentum 0.9, mirrored copies + 4 px shifts), a sweep over methods "
+    print(f"[3/4] training WRN-20-1 on 16 px with the paper's recipe, shortened ({c.epochs} epochs, "
+          + (f"lr x0.2 after epoch {c.epochs // 2}" if c.epochs >= 2 else "one learning rate")
+          + f", momentum 0.9, mirrored copies + 4 px shifts), a sweep over methods "
           f"{', '.join(c.methods)} and learning rates {', '.join(map(str, c.lrs))}: {runs_dir}")
     shutil.rmtree(runs_dir, ignore_errors=True)  # fresh runs each time (inside the demo's own folder)
-    sweep(SweepConfig(out=str(runs_dir), grid=grid, base=base, quiet=True))
+    outcome = sweep(plan)
+    bad = {n: v for n, v in outcome.items() if kind(v) != "finished"}
+    if bad:  # a run that diverged or failed here is a broken demo, not a result
+        raise RuntimeError("runs did not finish: " + "; ".join(f"{n}: {v}" for n, v in bad.items()))
     runs = load_runs([runs_dir])
     for r in runs:
         print(f"      {r.path.name:<28} top-1 error {r.result['top1_error']:5.1f}%  top-5 error "

@@ -6,22 +6,28 @@
 
 Dimensions: learning rate (log scale), width, weight decay (log scale) and, with ``--sizes``, the resolution.
 Each trial is a training run under ``OUT/trials/`` that reports its validation top-1 error after every epoch;
-Hyperband stops the unpromising ones early. The study lives in its storage (an SQLite file ``OUT/study.db`` by
-default; any Optuna RDB URL, or ``journal:PATH`` for a journal file on a shared disk), so a tune that is
-interrupted continues where it stopped, and workers on other machines join the same study.
+Hyperband stops the unpromising ones early, and a trial whose loss diverges ends as pruned (never a value). The
+study lives in its storage (an SQLite file ``OUT/study.db`` by default; any Optuna RDB URL, or ``journal:PATH``
+for a journal file on a shared disk), so a tune that is interrupted continues where it stopped, and workers on
+other machines join the same study.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import dataclasses
 import json
+import math
 import multiprocessing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsimagenet.errors import ConfigError, DSImageNetError
 from dsimagenet.recipe import TrainConfig
+
+TUNED = ("lr", "width", "weight_decay")  # set by each trial; with data, epochs and out never from --base
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,84 @@ class TuneConfig:
     base: dict = field(default_factory=dict)  # other TrainConfig fields (depth, device, batch_size, ...)
 
     def __post_init__(self):
-        if self.sizes and "{size}" not in self.data:
-            raise ValueError("--sizes needs --data with {size} in it (e.g. out/{size}_box)")
-        if not 1 <= self.min_epochs <= self.max_epochs:
-            raise ValueError("need 1 <= --min-epochs <= --max-epochs")
+        for name in ("lr", "widths", "weight_decay", "sizes"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        validate(self)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def validate(c: TuneConfig) -> None:
+    """Every field of a TuneConfig, in one place, before anything is created: ConfigError naming the flag and
+    the allowed values. The trials' own settings (``base``, and each end of every range) are checked by
+    TrainConfig's rules through one probe configuration per end."""
+    for name in ("out", "data", "study"):
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            raise ConfigError(f"--{name} must not be empty")
+    for name, lo in (("trials", 1), ("min_epochs", 1), ("max_epochs", 1), ("reduction_factor", 2),
+                     ("workers", 1), ("seed", 0)):
+        v = getattr(c, name)
+        if not _int(v) or v < lo:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, not {v!r}")
+    if c.min_epochs > c.max_epochs:
+        raise ConfigError(f"--min-epochs {c.min_epochs} must be at most --max-epochs {c.max_epochs}")
+    for name in ("lr", "weight_decay"):
+        v, flag = getattr(c, name), f"--{name.replace('_', '-')}"
+        if not isinstance(v, tuple) or len(v) != 2:
+            raise ConfigError(f"{flag} takes two numbers, the low and the high end, not {v!r}")
+        if not all(_positive(x) for x in v):  # searched on a log scale
+            raise ConfigError(f"{flag} ends must be finite numbers > 0 (a log scale), not {v[0]!r} and {v[1]!r}")
+        if v[0] > v[1]:
+            raise ConfigError(f"{flag}: the low end {v[0]:g} is above the high end {v[1]:g}")
+    if not c.widths or not all(_positive(w) for w in c.widths) or len(set(c.widths)) != len(c.widths):
+        raise ConfigError(f"--widths must be one or more different numbers > 0, not {c.widths!r}")
+    if not all(_int(s) and s >= 1 for s in c.sizes) or len(set(c.sizes)) != len(c.sizes):
+        raise ConfigError(f"--sizes must be different integers >= 1, not {c.sizes!r}")
+    if c.sizes and "{size}" not in c.data:
+        raise ConfigError("--sizes needs --data with {size} in it (e.g. out/{size}_box)")
+    if not c.sizes and "{size}" in c.data:
+        raise ConfigError(f"--data {c.data} holds {{size}}: give the sizes to search with --sizes")
+    if c.storage is not None:
+        check_storage_url(c.storage)
+    if not isinstance(c.base, dict):
+        raise ConfigError(f"base must be a mapping of TrainConfig fields, not {type(c.base).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(c.base) - known)
+    if unknown:
+        raise ConfigError(f"unknown trial settings {unknown}: use TrainConfig fields")
+    owned = sorted(set(c.base) & {*TUNED, "data", "epochs", "out"})
+    if owned:
+        raise ConfigError(f"{owned}: chosen by the search (--lr, --widths, --weight-decay, --data, --max-epochs, "
+                          "--out), not a fixed trial setting")
+    for lr, width, wd, size in ((c.lr[0], c.widths[0], c.weight_decay[0], (c.sizes or (None,))[0]),
+                                (c.lr[1], max(c.widths), c.weight_decay[1], (c.sizes or (None,))[-1])):
+        _config(c, {"lr": lr, "width": width, "weight_decay": wd}, size, "probe")
+
+
+def check_storage_url(url) -> None:
+    """ConfigError unless ``url`` reads as an Optuna storage: ``journal:PATH`` or an RDB URL whose database kind
+    SQLAlchemy knows (no connection is made)."""
+    usage = "an RDB URL (sqlite:///PATH, postgresql://HOST/DB, mysql://...) or journal:PATH"
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"--storage must be {usage}, not {url!r}")
+    if url.startswith("journal:"):
+        if not url[len("journal:"):]:
+            raise ConfigError(f"--storage {url}: no journal file after journal:")
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url).get_dialect()
+    except ArgumentError as e:
+        raise ConfigError(f"--storage {url}: not {usage} ({e})") from None
 
 
 def storage_url(c: TuneConfig) -> str:
@@ -58,50 +138,86 @@ def _storage(c: TuneConfig):
 
 
 def open_storage(url: str):
-    """An Optuna storage from a URL: any RDB URL, or ``journal:PATH`` for a journal file on a shared disk."""
+    """An Optuna storage from a URL: any RDB URL, or ``journal:PATH`` for a journal file on a shared disk.
+    A URL that does not parse, a database that cannot be opened or reached: DSImageNetError naming the URL."""
     import optuna
 
+    check_storage_url(url)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    from sqlalchemy.exc import SQLAlchemyError
+
     # a trial whose worker was killed stops beating and is run again (Optuna calls heartbeats experimental)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)} \
             if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") else \
             {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **retry)
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **retry)
+        except (SQLAlchemyError, ImportError, RuntimeError) as e:  # RuntimeError: a schema of another Optuna
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise DSImageNetError(f"--storage {url}: cannot open it: {first}") from None
 
 
 def _study(c: TuneConfig):
     import optuna
 
+    storage = _storage(c) if c.storage else None  # one that cannot be opened fails before --out is made
     Path(c.out).mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
-        study_name=c.study, storage=_storage(c), load_if_exists=True, direction="minimize",
+        study_name=c.study, storage=storage or _storage(c), load_if_exists=True, direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=c.seed),
         pruner=optuna.pruners.HyperbandPruner(min_resource=c.min_epochs, max_resource=c.max_epochs,
                                               reduction_factor=c.reduction_factor))
+
+
+def milestones(epochs: int) -> tuple[int, ...]:
+    """The paper's schedule stretched to ``epochs``: x0.2 after 1/4, 1/2 and 3/4 of them. A milestone that falls
+    on epoch 0 or on another one is left out: it would lower the learning rate from the start, or twice at
+    once, and the trial's lr would not be the one it trains with."""
+    return tuple(sorted({m for m in (epochs // 4, epochs // 2, 3 * epochs // 4) if m >= 1}))
+
+
+def _config(c: TuneConfig, params: dict, size: int | None, name: str) -> TrainConfig:
+    try:
+        data = c.data.format(size=size) if size is not None else c.data
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--data {c.data}: only {{size}} may be filled in ({e!r})") from None
+    base = {"milestones": milestones(c.max_epochs), "quiet": True, **c.base}
+    try:
+        return TrainConfig(**{**base, **params, "data": data, "epochs": c.max_epochs,
+                              "out": str(Path(c.out) / "trials" / name)})
+    except ConfigError as e:
+        raise ConfigError(f"tune trials: {e}") from None
 
 
 def trial_config(c: TuneConfig, trial) -> TrainConfig:
     params = {"lr": trial.suggest_float("lr", *c.lr, log=True),
               "width": trial.suggest_categorical("width", list(c.widths)),
               "weight_decay": trial.suggest_float("weight_decay", *c.weight_decay, log=True)}
-    data = c.data
-    if c.sizes:
-        size = trial.suggest_categorical("size", list(c.sizes))
-        data = data.format(size=size)
-    e = c.max_epochs  # the paper's schedule, stretched to the trial's length: x0.2 after 1/4, 1/2, 3/4
-    base = {"milestones": (e // 4, e // 2, 3 * e // 4), "quiet": True, **c.base}
-    return TrainConfig(**{**base, **params, "data": data, "epochs": e,
-                          "out": str(Path(c.out) / "trials" / f"trial_{trial.number:04d}")})
+    size = trial.suggest_categorical("size", list(c.sizes)) if c.sizes else None
+    return _config(c, params, size, f"trial_{trial.number:04d}")
+
+
+def _diverged(trial, message: str):
+    """A diverged trial ends as PRUNED, not FAIL, and never with a value (its "error" would be noise at best).
+    TPE learns from pruned trials: it ranks them below every complete one (by how far they got), so it learns
+    that this region of learning rates is bad; FAIL trials it ignores, and it would go on proposing learning
+    rates that diverge. The message is kept as the trial's user attribute ``diverged``."""
+    import optuna
+
+    trial.set_user_attr("diverged", message)
+    return optuna.TrialPruned(f"diverged: {message}")
 
 
 def _objective(c: TuneConfig):
     import optuna
 
+    from dsimagenet.errors import Diverged
+    from dsimagenet.runs import load_run
     from dsimagenet.train import train
 
     def objective(trial) -> float:
@@ -113,8 +229,13 @@ def _objective(c: TuneConfig):
             if line["epoch"] < tc.epochs and trial.should_prune():  # a finished run is a result, not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {line['epoch']}")
 
-        # a trial run again after its worker died continues from its checkpoint
-        result = train(tc, resume=(out / "config.json").exists(), on_epoch=report)
+        resume = (out / "config.json").exists()  # a trial run again after its worker died continues from it
+        if resume and (before := load_run(out)).status == "diverged":
+            raise _diverged(trial, (before.result or {}).get("message", "diverged before"))
+        try:
+            result = train(tc, resume=resume, on_epoch=report)
+        except Diverged as e:
+            raise _diverged(trial, str(e)) from None
         return result["top1_error"]
 
     return objective
@@ -133,6 +254,8 @@ def _work(c: TuneConfig) -> None:
 
 def tune(c: TuneConfig) -> dict:
     """Run the study until it holds ``c.trials`` finished trials; returns the best, writes trials.csv."""
+    from dsimagenet.formats.atomic import atomic_write
+
     study = _study(c)  # create it once before workers race to
     if c.workers == 1:
         _work(c)
@@ -141,18 +264,22 @@ def tune(c: TuneConfig) -> dict:
             for f in [pool.submit(_work, c) for _ in range(c.workers)]:
                 f.result()
     trials = study.get_trials(deepcopy=False)
-    with open(Path(c.out) / "trials.csv", "w", newline="") as f:
+    with atomic_write(Path(c.out) / "trials.csv", "w") as f:
         names = sorted({k for t in trials for k in t.params})
         w = csv.writer(f)
-        w.writerow(["number", "state", "top1_error", "epochs_run", *names])
+        w.writerow(["number", "state", "top1_error", "epochs_run", *names, "diverged"])
         for t in trials:
             w.writerow([t.number, t.state.name, t.value if t.value is not None else "",
-                        max(t.intermediate_values, default=0), *(t.params.get(n, "") for n in names)])
+                        max(t.intermediate_values, default=0), *(t.params.get(n, "") for n in names),
+                        t.user_attrs.get("diverged", "")])
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = min(complete, key=lambda t: t.value) if complete else None
+    diverged = [t for t in trials if "diverged" in t.user_attrs]
     summary = {"trials": len(trials), "complete": len(complete),
-               "pruned": sum(t.state.name == "PRUNED" for t in trials),
+               "pruned": sum(t.state.name == "PRUNED" and "diverged" not in t.user_attrs for t in trials),
+               "diverged": len(diverged),
                "best": {"number": best.number, "top1_error": best.value, "params": best.params} if best else None,
                "storage": storage_url(c), "study": c.study}
-    (Path(c.out) / "best.json").write_text(json.dumps(summary, indent=1))
+    with atomic_write(Path(c.out) / "best.json", "w") as f:
+        json.dump(summary, f, indent=1)
     return summary

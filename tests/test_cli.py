@@ -42,3 +42,51 @@ def test_build_errors_are_one_line_and_exit_1(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("dsimagenet build: error: --train") and "expected ILSVRC2012_img_train.tar" in r.stderr
+
+
+def _one_line_error(capsys, argv, code=1):
+    """Run the command in-process; it must exit ``code`` with one line on stderr and no traceback."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_sweep_tune_report_demo_config_errors_are_one_line(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("grid:\n  lr: [0.1, 0.2\nbase:\n  epochs: 2\n")
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, ["sweep", str(spec), "--out", str(out)])
+    assert err.startswith(f"dsimagenet sweep: error: {spec}: line 3, column 5: ") and "expected ',' or ']'" in err
+    err = _one_line_error(capsys, ["sweep", "--grid", "lr=0.1 width=1 lr=0.2", "--out", str(out), "--data", "d"])
+    assert "--grid: lr is given twice" in err
+    err = _one_line_error(capsys, ["sweep", "--grid", "lr=0.1,abc", "--out", str(out), "--data", "d"])
+    assert "--grid: lr=abc: expected a number" in err
+    spec.write_text("grid:\n  lr: [0.1, 0.2]\n")
+    err = _one_line_error(capsys, ["sweep", str(spec), "--grid", "lr=0.3", "--out", str(out), "--data", "d"])
+    assert f"lr: in the grid of {spec} and in --grid" in err
+    err = _one_line_error(capsys, ["sweep", str(spec), "--lr", "0.3", "--out", str(out), "--data", "d"])
+    assert "lr: given both in the grid and as a fixed value" in err
+    for flags, text in ((["--jobs", "0"], "--jobs must be an integer >= 1, not 0"),
+                        (["--index", "3", "--of", "2"], "--index must be in 0..1 (--of 2), not 3"),
+                        (["--epochs", "0"], "base: --epochs must be an integer >= 1, not 0"),
+                        (["--storage", "sqlite//x.db"], "--storage sqlite//x.db: not an RDB URL")):
+        err = _one_line_error(capsys, ["sweep", str(spec), "--out", str(out), "--data", "d", *flags])
+        assert text in err, err
+    tune = ["tune", "--data", "d", "--out", str(out)]
+    for flags, text in ((["--trials", "0"], "--trials must be an integer >= 1, not 0"),
+                        (["--lr", "0.1"], "--lr takes two numbers, the low and the high end"),
+                        (["--lr", "0.1", "0.01"], "--lr: the low end 0.1 is above the high end 0.01"),
+                        (["--min-epochs", "3", "--max-epochs", "2"], "--min-epochs 3 must be at most --max-epochs 2"),
+                        (["--storage", "postgres//h/db"], "--storage postgres//h/db: not an RDB URL"),
+                        (["--batch-size", "0"], "--batch-size must be an integer >= 1")):
+        err = _one_line_error(capsys, tune + flags)
+        assert err.startswith("dsimagenet tune: error: ") and text in err, err
+    err = _one_line_error(capsys, tune + ["--storage", f"sqlite:///{tmp_path}/no/such/dir/s.db"])
+    assert "cannot open it" in err and "no/such/dir/s.db" in err
+    assert not out.exists()  # nothing was made by any of them
+    err = _one_line_error(capsys, ["report", str(tmp_path), "--out", str(out)])
+    assert err.startswith("dsimagenet report: error: no finished runs")
+    err = _one_line_error(capsys, ["demo", "--out", str(out), "--epochs", "0"])
+    assert "--epochs must be an integer >= 1, not 0" in err
+    assert not out.exists()

@@ -6,6 +6,7 @@ import pytest
 
 import dsimagenet.train
 from dsimagenet.demo import DemoConfig, demo, write_release
+from dsimagenet.errors import ConfigError
 
 SMALL = dict(classes=10, train_per_class=80, val_per_class=10, epochs=4, lrs=(0.05, 0.2), methods=("box",))
 
@@ -46,5 +47,21 @@ def test_demo_fails_loudly_at_chance(tmp_path, monkeypatch):
 
 def test_demo_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not a demo folder"):
+    with pytest.raises(ConfigError, match="not a demo folder"):
         demo(DemoConfig(out=str(tmp_path), **SMALL))
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
+
+
+def test_demo_settings_are_checked_before_anything_is_made(tmp_path):
+    for kw, match in (({"epochs": 0}, "--epochs must be an integer >= 1"), ({"classes": 1}, "--classes must be"),
+                      ({"lrs": ()}, "at least one learning rate")):
+        with pytest.raises(ConfigError, match=match):
+            DemoConfig(out=str(tmp_path / "d"), **{**SMALL, **kw})
+    with pytest.raises(ConfigError, match="grid: lr=-0.1: --lr must be"):
+        demo(DemoConfig(out=str(tmp_path / "d"), **{**SMALL, "lrs": (0.05, -0.1)}))
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_fails_loudly_when_a_run_diverges(tmp_path):
+    with pytest.raises(RuntimeError, match="runs did not finish: method=box_lr=1000000.0: diverged: "):
+        demo(DemoConfig(out=str(tmp_path / "d"), **{**SMALL, "lrs": (1e6,), "epochs": 1}))

@@ -9,7 +9,8 @@ import optuna
 import pytest
 from conftest import learnable_native
 
-from dsimagenet.tune import TuneConfig, trial_config, tune
+from dsimagenet.errors import ConfigError, DSImageNetError
+from dsimagenet.tune import TuneConfig, milestones, open_storage, trial_config, tune
 
 BASE = {"depth": 6, "batch_size": 32, "device": "cpu", "log_every": 1000}
 
@@ -48,7 +49,7 @@ def test_trial_space_and_sizes(tmp_path):
     tc = trial_config(c, study.ask())
     assert tc.data in ("built/16_box", "built/32_box") and 0.001 <= tc.lr <= 0.1 and tc.width in (1.0, 2.0)
     assert tc.epochs == 8 and tc.milestones == (2, 4, 6) and tc.depth == 20
-    with pytest.raises(ValueError, match="needs --data with {size}"):
+    with pytest.raises(ConfigError, match="needs --data with {size}"):
         TuneConfig(out="x", data="built/16_box", sizes=(16, 32))
 
 
@@ -61,3 +62,63 @@ def test_cli_with_two_workers(data, tmp_path):
     assert "trials (" in r.stdout and "best: trial" in r.stdout
     best = json.loads((tmp_path / "t" / "best.json").read_text())
     assert best["trials"] >= 4 and best["best"]["params"]["lr"] > 0
+
+
+def test_every_setting_is_checked_before_anything_is_made(tmp_path):
+    out = tmp_path / "t"
+    ok = dict(out=str(out), data="d")
+    for kw, match in (({"trials": 0}, "--trials must be an integer >= 1, not 0"),
+                      ({"min_epochs": 0}, "--min-epochs must be an integer >= 1"),
+                      ({"min_epochs": 5, "max_epochs": 4}, "--min-epochs 5 must be at most --max-epochs 4"),
+                      ({"reduction_factor": 1}, "--reduction-factor must be an integer >= 2"),
+                      ({"workers": 0}, "--workers must be"),
+                      ({"lr": (0.5, 0.001)}, "--lr: the low end 0.5 is above the high end 0.001"),
+                      ({"lr": (0.0, 0.1)}, r"--lr ends must be finite numbers > 0 \(a log scale\)"),
+                      ({"lr": (0.1,)}, "--lr takes two numbers"),
+                      ({"lr": [0.001, 0.1, 1.0]}, "--lr takes two numbers"),
+                      ({"weight_decay": (float("nan"), 1e-3)}, "--weight-decay ends must be finite"),
+                      ({"widths": ()}, "--widths must be one or more"),
+                      ({"widths": (1.0, 0.0)}, "--widths must be one or more different numbers > 0"),
+                      ({"sizes": (16, 16), "data": "d/{size}"}, "--sizes must be different integers"),
+                      ({"data": "d/{size}"}, "holds {size}: give the sizes to search with --sizes"),
+                      ({"storage": "postgres//host/db"}, "--storage postgres//host/db: not an RDB URL"),
+                      ({"storage": "nosuchdb://host/db"}, "--storage nosuchdb://host/db: not an RDB URL"),
+                      ({"base": {"learning_rate": 1}}, r"unknown trial settings \['learning_rate'\]"),
+                      ({"base": {"lr": 0.1}}, "chosen by the search"),
+                      ({"base": {"batch_size": 0}}, "tune trials: --batch-size must be an integer >= 1"),
+                      ({"lr": (1e-3, float("inf"))}, "--lr ends must be finite")):
+        with pytest.raises(ConfigError, match=match):
+            tune(TuneConfig(**{**ok, **kw}))
+    assert not out.exists()
+
+
+def test_the_stretched_schedule_never_lowers_the_lr_from_the_start():
+    assert milestones(40) == (10, 20, 30) and milestones(8) == (2, 4, 6)
+    assert milestones(4) == (1, 2, 3) and milestones(3) == (1, 2) and milestones(2) == (1,) and milestones(1) == ()
+    c = TuneConfig(out="x", data="d", min_epochs=1, max_epochs=2)
+    tc = trial_config(c, optuna.create_study().ask())
+    assert tc.milestones == (1,)
+
+
+def test_a_diverged_trial_is_pruned_never_a_value(data, tmp_path):
+    c = TuneConfig(out=str(tmp_path / "tune"), data=str(data), trials=2, min_epochs=1, max_epochs=1, lr=(1e6, 1e6),
+                   base=BASE)
+    s = tune(c)
+    assert s["trials"] == 2 and s["diverged"] == 2 and s["complete"] == 0 and s["best"] is None
+    study = optuna.load_study(study_name="dsimagenet", storage=s["storage"])
+    for t in study.trials:
+        assert t.state.name == "PRUNED" and t.value is None and "--lr" in t.user_attrs["diverged"]
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
+    assert [r["state"] for r in rows] == ["PRUNED", "PRUNED"] and all(r["top1_error"] == "" for r in rows)
+    assert all("diverged in epoch 1" in r["diverged"] for r in rows)
+
+
+def test_storage_that_cannot_be_opened_is_an_error_naming_it(tmp_path):
+    url = f"sqlite:///{tmp_path}/no/such/folder/study.db"
+    with pytest.raises(DSImageNetError, match=f"--storage {url}: cannot open it: .*unable to open database file"):
+        open_storage(url)
+    (tmp_path / "text.db").write_text("not a database " * 100)
+    with pytest.raises(DSImageNetError, match="cannot open it: .*file is not a database"):
+        open_storage(f"sqlite:///{tmp_path}/text.db")
+    with pytest.raises(ConfigError, match="no journal file"):
+        open_storage("journal:")

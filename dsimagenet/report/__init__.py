@@ -11,28 +11,103 @@ fig1..fig7 PNGs as the runs allow, and index.html with everything embedded.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
+from dsimagenet.errors import DSImageNetError
 from dsimagenet.report import figures, page, tables
+
+NEEDED = {"config.json": ("config", "image_size", "depth"),
+          "result.json": ("top1_error", "top5_error", "params", "train_seconds")}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def status_of(run) -> tuple[str, str]:
+    """(finished | diverged | unfinished | damaged, why) of a loaded run: a finished one must hold the numbers
+    the tables need."""
+    if run.status == "diverged":  # Run.status also knows runs from before "status": their metrics hold a NaN
+        res = run.result or {}
+        return "diverged", res.get("message") or (
+            f"diverged at epoch {res['epoch']} step {res.get('step')}" if "epoch" in res else
+            "its losses are not finite (a run made before divergence was detected)")
+    if run.status != "finished":
+        return run.status, "no result.json: interrupted or still running"
+    for name, keys in NEEDED.items():
+        have = run.config if name == "config.json" else run.result
+        missing = [k for k in keys if k not in have]
+        if missing:
+            return "damaged", f"{name} lacks {', '.join(missing)}"
+    for k in ("image_size", "depth"):
+        if not isinstance(run.config[k], int):
+            return "damaged", f"config.json: {k} is {run.config[k]!r}, not an integer"
+    for k in ("params", "train_seconds"):
+        if not _finite(run.result[k]):
+            return "damaged", f"result.json: {k} is {run.result[k]!r}, not a number"
+    if not all(_finite(run.result[k]) for k in ("top1_error", "top5_error")):
+        return "diverged", "a non-finite error in result.json"
+    return "finished", ""
+
+
+def load(paths) -> tuple[list, list[tuple[str, str, str]]]:
+    """(finished runs, [(path, status, why) of every other run]) under ``paths``. A damaged run is listed with
+    what is wrong, never a reason to stop (nor silently left out)."""
+    from dsimagenet.runs import CONFIG, load_run
+
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if (p / CONFIG).exists():
+            found.add(p)
+        elif p.is_dir():
+            found.update(c.parent for c in p.rglob(CONFIG))
+        else:
+            raise FileNotFoundError(f"{p}: no such run directory")
+    finished, other = [], []
+    for p in sorted(found):
+        try:
+            run = load_run(p)
+            state, why = status_of(run)
+        except (DSImageNetError, ValueError, TypeError, AttributeError) as e:  # json's errors, a list for a dict
+            state, why = "damaged", f"{type(e).__name__}: {e}" if not isinstance(e, DSImageNetError) else str(e)
+        if state == "finished":
+            finished.append(run)
+        else:
+            other.append((str(p), state, why))
+    return finished, other
 
 
 def report(paths, out: str | Path) -> dict:
-    """Write the report for the finished runs under ``paths``; returns {name: path} of what was written."""
-    from dsimagenet.runs import load_runs
-
+    """Write the report for the finished runs under ``paths``; returns {name: path} of what was written.
+    Runs that diverged, are unfinished or damaged are left out of the tables and figures and listed, with why,
+    in excluded.csv, under Table 1 and on the page."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(paths)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    runs, excluded = load(paths)
     if not runs:
-        raise FileNotFoundError(f"no finished runs (result.json) under {', '.join(map(str, paths))}")
+        counts = ", ".join(f"{sum(e[1] == s for e in excluded)} {s}" for s in ("diverged", "unfinished", "damaged")
+                           if any(e[1] == s for e in excluded))
+        raise DSImageNetError(f"no finished runs (result.json) under {', '.join(map(str, paths))}"
+                              + (f"; runs found: {counts}" if counts else ""))
+    out.mkdir(parents=True, exist_ok=True)
     rows = tables.rows_of(runs)
     written: dict[str, Path] = {}
+    notes = [f"Not in the table: {Path(p).name} {state}: {why}" for p, state, why in excluded]
     head, body = tables.table_cells(tables.table1(rows))
-    (out / "table1.md").write_text(tables.markdown(head, body))
-    (out / "table1.tex").write_text(tables.latex(head, body))
+    (out / "table1.md").write_text(tables.markdown(head, body) + "".join(f"\n{n}\n" for n in notes))
+    (out / "table1.tex").write_text(tables.latex(head, body) + "".join(f"% {n}\n" for n in notes))
     with open(out / "table1.csv", "w", newline="") as f:
         csv.writer(f).writerows([head, *body])
     written.update({k: out / k for k in ("table1.md", "table1.tex", "table1.csv")})
+    if excluded:
+        with open(out / "excluded.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "status", "why"])
+            w.writerows(excluded)
+        written["excluded.csv"] = out / "excluded.csv"
+    else:
+        (out / "excluded.csv").unlink(missing_ok=True)  # from an earlier report into this folder
     corr = tables.lr_rank_correlations(rows)
     with open(out / "lr_rank_correlations.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["between", "a", "b", "learning_rates", "spearman"])
@@ -50,5 +125,6 @@ def report(paths, out: str | Path) -> dict:
         path = make()
         if path is not None:
             written[name] = path
-    written["index.html"] = page.write_index(out, head, body, corr, written, len(runs))
+    written["index.html"] = page.write_index(out, head, body, corr, written, len(runs), excluded)
     return written
+

@@ -24,7 +24,9 @@ def _table(head: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def write_index(out: Path, head, body, corr: list[dict], written: dict, n_runs: int) -> Path:
+def write_index(out: Path, head, body, corr: list[dict], written: dict, n_runs: int,
+                excluded: list[tuple[str, str, str]] = ()) -> Path:
+    """``excluded``: (run, status, why) of each run left out of the tables: diverged, unfinished, damaged."""
     figs = ""
     for key, caption in CAPTIONS.items():
         if key in written:
@@ -38,6 +40,11 @@ def write_index(out: Path, head, body, corr: list[dict], written: dict, n_runs: 
                        [[c["between"], c["a"], c["b"], str(c["learning_rates"]), f"{c['spearman']:.3f}"]
                         for c in corr]) if corr else \
         '<p class="missing">No pair of sizes or widths shares three learning rates yet.</p>'
+    left_out = ""
+    if excluded:
+        left_out = ('<p class="missing">Not in the tables or figures (their errors are no result):</p><ul>'
+                    + "".join(f"<li>{html.escape(Path(p).name)}: <b>{html.escape(state)}</b>: {html.escape(why)}</li>"
+                              for p, state, why in excluded) + "</ul>")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dsimagenet report</title>
 <style>
@@ -54,6 +61,7 @@ cell no run fills. Files: <a href="table1.md">table1.md</a>, <a href="table1.csv
 <a href="table1.tex">table1.tex</a>, <a href="lr_rank_correlations.csv">lr_rank_correlations.csv</a>.</p>
 <h2>Table 1: our runs beside the paper's</h2>
 {_table(head, body)}
+{left_out}
 <h2>Do the best learning rates carry over?</h2>
 {corr_html}
 <h2>Figures</h2>
