@@ -448,6 +448,31 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
     return manifests
 
 
+def _submit(pool: cf.ProcessPoolExecutor, task: dict) -> cf.Future:
+    """``pool.submit``, which may spawn a worker, shielded from Ctrl-C. Ctrl-C goes to the terminal's whole
+    process group, workers included: a worker still starting died of it with a traceback of its own, and a
+    build interrupted while writing a new worker's start-up data left that worker a traceback ("Ran out of
+    input"). A signal mask survives fork and exec, so a worker spawned with SIGINT blocked never sees it; the
+    build notes a Ctrl-C that arrives meanwhile and raises it once the worker is spawned, then ends its workers.
+    """
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return pool.submit(_run_chunk, task)
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # what a worker spawned now inherits
+    try:
+        future = pool.submit(_run_chunk, task)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(*caught[0])  # Python's default handler: KeyboardInterrupt, now that no spawn is half done
+    return future
+
+
 def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict, total: int, workers: int) -> None:
     from tqdm import tqdm
 
@@ -461,7 +486,7 @@ def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict
         try:
             while True:
                 while len(pending) < 2 * workers and (t := next(it, None)) is not None:
-                    pending[pool.submit(_run_chunk, t)] = len(t["records"])
+                    pending[_submit(pool, t)] = len(t["records"])
                 if not pending:
                     break
                 finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)

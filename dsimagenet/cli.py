@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "0.9, batch 128, lr 0.01 x0.2 after epochs 10/20/30, 40 epochs). Run with "
                                    "torchrun --nproc_per_node=K -m dsimagenet train ... for several GPUs.")
     add_config_arguments(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (or start it if there is none)")
     p.set_defaults(func=_train)
 
     from dsimagenet.build import BuildConfig
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system's word on a path (missing, unreadable, disk full): one line naming it
         print(f"dsimagenet {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was done is kept (builds, runs and sweeps resume); 128 + SIGINT
+        print(f"dsimagenet {args.command}: interrupted", file=sys.stderr)
+        return 130
     # Anything else is a bug of ours and keeps its traceback.
 
 

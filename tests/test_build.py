@@ -583,3 +583,60 @@ def test_a_damaged_plan_of_an_unfinished_build_is_named(rel, tmp_path):
         (out / ".build" / "plan.json").write_bytes(junk)
         with pytest.raises(BuildError, match=r"plan.json: the unfinished build's plan is damaged .*remove .*\.build"):
             build(BuildConfig(out=str(out), train=str(rel.train_tar), sizes=(8,), **QUIET))
+
+
+_INTERRUPTIBLE = """
+import sys
+from dsimagenet.build import BuildConfig, build
+try:
+    build(BuildConfig(out=sys.argv[1], train=sys.argv[2], val=sys.argv[3], sizes=(8, 16), methods=("box", "bicubic"),
+                      workers=2, chunk_rows=2, allow_partial=True, quiet=True))
+except KeyboardInterrupt:  # what the CLI does with it is the CLI's; here: did anything else print?
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+_SLOW_WORKER_START = """
+import os, sys, time
+if "--multiprocessing-fork" in sys.orig_argv:  # a build's worker, in its interpreter's start-up (site)
+    open(os.path.join(os.environ["DSIMAGENET_TEST_MARKS"], str(os.getpid())), "w").close()
+    for _ in range(50):
+        time.sleep(0.01)  # a start-up long enough that the Ctrl-C sent on seeing the mark lands in it
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, signal masks")
+@pytest.mark.parametrize("moment", ["a worker starting", "the journal written"])
+def test_ctrl_c_is_one_interrupt_and_the_build_resumes(rel, tmp_path, moment):
+    """Ctrl-C goes to the terminal's whole process group. A worker still starting died of it with a traceback
+    of its own ("Fatal Python error: init_import_site"); now workers are spawned with SIGINT blocked, the build
+    alone gets it and ends them. The same command then resumes to the bytes of an uninterrupted build."""
+    whole, out, marks, site = tmp_path / "whole", tmp_path / "out", tmp_path / "marks", tmp_path / "site"
+    subprocess.run(_cli(rel, whole), check=True)
+    marks.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_WORKER_START)
+    env = {**os.environ, "DSIMAGENET_TEST_MARKS": str(marks),
+           "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    p = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, str(out), str(rel.train_tar), str(rel.val_tar)],
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+
+    def reached() -> bool:
+        if moment == "a worker starting":
+            return any(marks.iterdir())
+        return (out / ".build" / "done.jsonl").exists()
+
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline and not reached():
+        time.sleep(0.001)
+    if p.poll() is not None:
+        pytest.skip("the build finished before it could be interrupted")
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the build and every worker
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "interrupted", err[-3000:]
+    assert not (out / "8_box" / "manifest.json").exists()
+    subprocess.run(_cli(rel, out), check=True)
+    for combo in ("8_box", "8_bicubic", "16_box", "16_bicubic"):
+        a, b = files_of(whole / combo), files_of(out / combo)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json")

@@ -305,3 +305,19 @@ def test_a_malformed_kaggle_csv_is_an_error_naming_it(rel, tmp_path):
     p.write_text(good)
     labels = parse_kaggle_csv(p)
     assert np.array_equal(labels[:13], truth[:13]) and not labels[13:].any()
+
+
+def test_a_hidden_class_folder_is_listed_as_ignored_not_dropped_silently(tmp_path):
+    """A hidden folder (.git, .ipynb_checkpoints) is never a class, but its images were dropped without a word:
+    not among the records, the problems or the ignored entries that the manifest lists. Hidden files inside a
+    class folder are images like any other (torchvision's ImageFolder reads them too)."""
+    for c in ("cat", ".hidden_class"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "data" / c / f"{i}.png").write_bytes(b"x")
+    (tmp_path / "data" / "cat" / ".h.png").write_bytes(b"x")
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"x")
+    listing = list_folder(tmp_path / "data")["train"]
+    assert [r.key for r in listing.records] == ["cat/.h.png", "cat/0.png", "cat/1.png"] and listing.wnids == ["cat"]
+    assert sorted(name for name, _ in listing.ignored) == [".DS_Store", ".hidden_class"]
+    assert all("hidden" in why for _, why in listing.ignored)

@@ -102,8 +102,10 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, archive_si
         if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields or dtype.subdtype:
             raise FormatError(f"{where}: dtype {dtype} is refused: only bool, integer and float arrays (object "
                               "arrays would need pickle)")
-        count = math.prod(shape)
-        nbytes = count * dtype.itemsize
+        problem = safepickle.shape_problem(shape, dtype.itemsize)
+        if problem:
+            raise FormatError(f"{where}: its header claims {problem}")
+        nbytes = math.prod(shape) * dtype.itemsize
         if s.offset() + nbytes != info.file_size:
             raise FormatError(f"{where}: its header claims shape {shape} {dtype} ({nbytes:,} bytes) but the "
                               f"member holds {info.file_size - s.offset():,} bytes of data")

@@ -5,7 +5,8 @@ written by Python 2's cPickle (protocol 2, bytes as latin-1 text through ``_code
 NumPy 1.x or 2.x (protocols 2 to 5). ``load_pickle`` runs a small pickle machine that knows exactly those opcodes
 and numpy callables (each named where it is handled), builds the arrays itself from the bytes in the file, and
 refuses everything else with the construct's name and its byte offset. What it may build beyond the file's own
-bytes (list slots, memo copies) is bounded by ``_BUDGET_PER_BYTE`` times the bytes read.
+bytes (every object an opcode makes: dicts, lists, tuples, ints, stack slots, memo entries, copies) is
+charged at its size in memory and bounded by ``_BUDGET_PER_BYTE`` times the bytes read.
 
     with open("val_data", "rb") as f:
         batch = safe_load(f, "val_data")      # a dict of numpy arrays and lists, or FormatError
@@ -28,8 +29,23 @@ from dsimagenet.errors import FormatError
 
 _CHUNK = 1 << 16  # stream reads; payloads larger than this go straight into their array
 _BIG_READ = 1 << 24
-_BUDGET_PER_BYTE = 16  # what a pickle may build beyond its own bytes, per byte read (+ _BUDGET_BASE)
+# What a pickle may build beyond its own bytes, per byte read (+ _BUDGET_BASE). The densest legitimate content
+# known, labels written as list(labels_array) (numpy int64 scalars, each memoized, with its argument tuple)
+# under protocol 4 and before the images, is charged 13.5x its bytes: 16x refused it after 420 KB.
+_BUDGET_PER_BYTE = 32
 _BUDGET_BASE = 1 << 20
+_MAX_ARRAY_BYTES = 1 << 62  # numpy refuses an array (even an empty one) whose dimensions multiply past this
+
+# What each opcode makes beyond its own bytes, in bytes of memory (64-bit CPython: a stack slot 8, an int 28,
+# a float 24, an empty dict 64, an empty list 56, a tuple 40 + 8 a slot). Charged as it runs, so that a file
+# of one-byte opcodes that each make an object (EMPTY_DICT, TUPLE1 chains, MARK) is bounded like the rest:
+# 20 MB of EMPTY_DICT held 1.4 GB before this. Opcodes that read a payload or build arrays charge in
+# their handlers; small ints (BININT1) and shared objects (None, True, False, (), globals) cost a slot.
+_COST = [0] * 256
+for _op, _cost in {0x7D: 72, 0x5D: 64, 0x29: 8, 0x85: 56, 0x86: 64, 0x87: 72, 0x28: 40, 0x4B: 8, 0x4D: 36,
+                   0x4A: 36, 0x8A: 36, 0x4E: 8, 0x88: 8, 0x89: 8, 0x47: 32, 0x68: 8, 0x6A: 8, 0x63: 8,
+                   0x93: 8}.items():
+    _COST[_op] = _cost
 
 
 class Refused(Exception):
@@ -52,16 +68,35 @@ class Stream:
             n = min(n, self.size - self.got)
             if n <= 0:
                 return b""
+        data = self._call(self.f.read, n)
+        self.got += len(data)
+        return data
+
+    def _raw_into(self, view: memoryview) -> int:
+        """Read straight into ``view`` (an array being filled): no bytes object of the payload's size beside it."""
+        if self.size is not None:
+            view = view[: max(0, self.size - self.got)]
+            if not len(view):
+                return 0
+        readinto = getattr(self.f, "readinto", None)
+        if readinto is None:
+            data = self._call(self.f.read, len(view))
+            view[: len(data)] = data
+            n = len(data)
+        else:
+            n = self._call(readinto, view) or 0
+        self.got += n
+        return n
+
+    def _call(self, fn, arg):
         try:
-            data = self.f.read(n)
+            return fn(arg)
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # bad CRC, damaged deflate data, cut short
             raise FormatError(f"{self.where}: damaged zip member: {e or type(e).__name__}") from None
         except OSError as e:  # inside a zip, a seek its damaged offsets ask for
             if not isinstance(self.f, zipfile.ZipExtFile):
                 raise
             raise FormatError(f"{self.where}: damaged zip member: {e}") from None
-        self.got += len(data)
-        return data
 
     def offset(self) -> int:
         return self.got - (len(self.buf) - self.pos)
@@ -160,11 +195,10 @@ class Stream:
         view[: len(have)] = have
         got = len(have)
         while got < n:
-            data = self._raw(min(n - got, _BIG_READ))
-            if not data:
+            k = self._raw_into(view[got: min(n, got + _BIG_READ)])
+            if not k:
                 raise Refused(f"a payload of {n:,} bytes, but the file ends after {got:,} (truncated)")
-            view[got: got + len(data)] = data
-            got += len(data)
+            got += k
         return out
 
     def at_end(self) -> bool:
@@ -289,10 +323,13 @@ class _Unpickler:
         self.marks: list[int] = []
         self.memo: dict[int, object] = {}
         self.built = 0  # what was built beyond the bytes read (list slots, memo entries, copies)
+        self.allowed = _BUDGET_BASE  # the budget when last computed
 
     def charge(self, n: int, what: str) -> None:
         self.built += n
-        allowed = _BUDGET_PER_BYTE * self.s.offset() + _BUDGET_BASE
+        if self.built <= self.allowed:  # within what was allowed when last computed: the file only grows
+            return
+        self.allowed = allowed = _BUDGET_PER_BYTE * self.s.offset() + _BUDGET_BASE
         if self.built > allowed:
             raise Refused(f"{what} would build more than {_BUDGET_PER_BYTE}x the bytes read so far "
                            f"({self.built:,} > {allowed:,}): the file amplifies itself")
@@ -321,6 +358,9 @@ class _Unpickler:
             raise Refused("not a binary pickle of protocol 2 to 5 (the official files are protocol 2 or 3)")
         while True:
             op = s.byte()
+            self.built += _COST[op]
+            if self.built > self.allowed:
+                self.charge(0, f"opcode {_opname(op)}")
             if op == 0x4B:  # BININT1
                 st.append(s.byte())
             elif op == 0x4D:  # BININT2
@@ -328,7 +368,9 @@ class _Unpickler:
             elif op == 0x4A:  # BININT
                 st.append(int.from_bytes(s.read(4), "little", signed=True))
             elif op == 0x8A:  # LONG1 (Python 2 longs, ints beyond 32 bits)
-                st.append(int.from_bytes(s.read(s.byte()), "little", signed=True))
+                n = s.byte()
+                self.charge(n, "a long int")
+                st.append(int.from_bytes(s.read(n), "little", signed=True))
             elif op == 0x65:  # APPENDS
                 items = self.pop_mark()
                 self.append(items)
@@ -337,7 +379,9 @@ class _Unpickler:
                 self.append([v])
             elif op == 0x28:  # MARK
                 self.marks.append(len(st))
-                st.extend(s.ints())
+                items = s.ints()
+                self.charge(36 * len(items), "a run of ints")
+                st.extend(items)
             elif op in (0x71, 0x72, 0x94):  # BINPUT, LONG_BINPUT, MEMOIZE
                 idx = (s.byte() if op == 0x71 else int.from_bytes(s.read(4), "little") if op == 0x72
                        else len(self.memo))
@@ -352,21 +396,29 @@ class _Unpickler:
             elif op in (0x58, 0x8C, 0x8D):  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
                 n = int.from_bytes(s.read({0x58: 4, 0x8C: 1, 0x8D: 8}[op]), "little")
                 raw = s.payload(n)
+                self.charge(n + 56, "a text string")
                 try:
                     st.append(str(raw, "utf-8", "surrogatepass"))
                 except UnicodeDecodeError as e:
                     raise Refused(f"BINUNICODE text that is not UTF-8: {e.reason}") from None
-                self.charge(n, "a text string")
+                del raw  # dropped as soon as its text exists (2.4 GB for a 64 px batch from protocol 2)
             elif op in (0x43, 0x42, 0x8E, 0x96):  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8 (in-band)
                 n = int.from_bytes(s.read({0x43: 1, 0x42: 4, 0x8E: 8, 0x96: 8}[op]), "little")
                 raw = s.payload(n)
+                self.charge(40, "a bytes object")
                 st.append(raw if isinstance(raw, bytes) else _Blob(raw))
+                del raw
             elif op in (0x55, 0x54):  # SHORT_BINSTRING, BINSTRING: a Python 2 str, read as latin-1 text
                 n = s.byte() if op == 0x55 else int.from_bytes(s.read(4), "little", signed=True)
                 if n < 0:
                     raise Refused(f"BINSTRING of negative length {n}")
-                st.append(str(s.payload(n), "latin-1"))
-                self.charge(n, "a Python 2 string")
+                raw = s.payload(n)
+                if isinstance(raw, bytes):
+                    self.charge(n + 56, "a Python 2 string")
+                    st.append(str(raw, "latin-1"))
+                else:  # a large one is array data (numpy 1.x on Python 2): its bytes are latin-1, kept as read
+                    st.append(_Blob(raw))
+                del raw
             elif op == 0x7D:  # EMPTY_DICT
                 st.append({})
             elif op == 0x5D:  # EMPTY_LIST
@@ -382,7 +434,7 @@ class _Unpickler:
                 st.append(t)
             elif op == 0x74:  # TUPLE
                 items = self.pop_mark()
-                self.charge(8 * len(items), "a tuple")
+                self.charge(40 + 8 * len(items), "a tuple")
                 st.append(tuple(items))
             elif op in (0x73, 0x75):  # SETITEM, SETITEMS
                 items = self.pop_mark() if op == 0x75 else [None, self.pop()]
@@ -446,7 +498,7 @@ class _Unpickler:
         if not isinstance(d, dict) or len(items) % 2:
             raise Refused(f"SETITEM(S) on a {type(d).__name__}" if not isinstance(d, dict)
                            else "SETITEMS with a key and no value")
-        self.charge(16 * len(items), "a dict")
+        self.charge(24 * len(items), "a dict")
         for k, v in zip(items[::2], items[1::2], strict=True):
             if not isinstance(k, str):
                 raise Refused(f"a dict key of type {type(k).__name__}: keys are strings")
@@ -465,11 +517,13 @@ class _Unpickler:
             if len(args) != 3 or args[0] is not _NDARRAY or args[1] != (0,) or args[2] not in (b"b", "b"):
                 raise Refused(f"_reconstruct{short(args)}: only _reconstruct(ndarray, (0,), b'b') as numpy "
                                "writes it")
+            self.charge(48, "an ndarray")
             return _PendingArray()
         if fn is _DTYPE:
             if (len(args) != 3 or not isinstance(args[0], str) or not _DTYPE_CODES.match(args[0])
                     or args[1] not in (False, 0) or args[2] not in (True, False, 0, 1)):
                 raise Refused(f"dtype{short(args)}: only bool, integer and float dtypes")
+            self.charge(48, "a dtype")
             return _PendingDtype(args[0])
         if fn is _SCALAR:
             if len(args) != 2:
@@ -488,11 +542,8 @@ class _Unpickler:
                     or not isinstance(args[1], str) or args[1].lower() not in ("latin1", "latin-1")):
                 raise Refused(f"_codecs.encode{short(args)}: only encode(text, 'latin1'), as protocol 2 "
                                "stores bytes")
-            self.charge(len(args[0]), "_codecs.encode")
-            try:
-                return args[0].encode("latin-1")
-            except UnicodeEncodeError:
-                raise Refused("_codecs.encode of text that is not latin-1") from None
+            self.charge(len(args[0]) + 40, "_codecs.encode")
+            return _latin1(args[0])
         if fn is _BYTES:
             if args != ():
                 raise Refused(f"bytes{short(args)}: only bytes() (protocol 2's empty bytes)")
@@ -514,6 +565,9 @@ class _Unpickler:
         buf = _as_buffer(raw)
         if buf is None:
             raise Refused(f"array data of type {type(raw).__name__}")
+        problem = shape_problem(shape, dtype.itemsize)
+        if problem:
+            raise Refused(problem)
         nbytes = math.prod(shape) * dtype.itemsize
         if len(buf) != nbytes:
             raise Refused(f"an array of shape {shape} {dtype} ({nbytes:,} bytes) with {len(buf):,} bytes of data")
@@ -575,13 +629,62 @@ def _as_buffer(raw):
     return None
 
 
+def _latin1(text: str) -> bytes | _Blob:
+    """``text.encode("latin-1")``, as protocol 2 stores bytes; a large one (array data) is encoded a chunk at a
+    time into one uint8 array, so that it costs its size once more, not twice (bytes, then an array copy)."""
+    try:
+        if len(text) <= _CHUNK:
+            return text.encode("latin-1")
+        out = np.empty(len(text), np.uint8)
+        for i in range(0, len(text), _BIG_READ):
+            out[i: i + _BIG_READ] = np.frombuffer(text[i: i + _BIG_READ].encode("latin-1"), np.uint8)
+        return _Blob(out)
+    except UnicodeEncodeError:
+        raise Refused("_codecs.encode of text that is not latin-1") from None
+
+
+def shape_problem(shape: tuple, itemsize: int) -> str | None:
+    """Why numpy cannot make an array of this shape (None when it can). A zero dimension makes an array of no
+    bytes, but numpy still refuses (ValueError) one whose other dimensions multiply past its index type:
+    (0, 2**63) or (0, 2**62, 2**62)."""
+    if any(x < 0 for x in shape):
+        return f"an array shape {short(shape)} with a negative size"
+    if math.prod(max(x, 1) for x in shape) * max(itemsize, 1) >= _MAX_ARRAY_BYTES:
+        return f"an array shape {short(shape)} whose sizes multiply past what numpy can index"
+    return None
+
+
 def short(v) -> str:
+    """A description of ``v`` of at most 80 characters, at a cost bounded whatever ``v`` is: tuples may hold
+    tuples (from memo references, each level doubling) and a full repr would take forever or recurse too
+    deep."""
+    text = _brief(v, 3)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _brief(v, depth: int) -> str:
     if isinstance(v, _PendingArray):
         return "an ndarray"
     if isinstance(v, _PendingDtype):
         return f"dtype {v.code!r}"
-    text = f"{len(v.a):,} bytes" if isinstance(v, _Blob) else repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if isinstance(v, _Blob):
+        return f"{len(v.a):,} bytes"
+    if isinstance(v, (tuple, list)):
+        ends = "()" if isinstance(v, tuple) else "[]"
+        if depth == 0 and v:
+            return f"{ends[0]}...{ends[1]}"
+        inner = ", ".join(_brief(x, depth - 1) for x in v[:6]) + (", ..." if len(v) > 6 else "")
+        return ends[0] + inner + ("," if isinstance(v, tuple) and len(v) == 1 else "") + ends[1]
+    if isinstance(v, dict):
+        return f"a dict of {len(v)} keys"
+    if isinstance(v, np.ndarray):
+        return f"an array {v.dtype} {v.shape}"
+    if isinstance(v, (str, bytes)):
+        return repr(v[:60]) + ("..." if len(v) > 60 else "")
+    if isinstance(v, (int, float, bool, type(None), np.generic, _Global)):
+        text = repr(v)  # ints are at most 255 bytes long (LONG1)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return type(v).__name__
 
 
 _OPNAMES = {v[0]: k for k, v in vars(pickle).items() if k.isupper() and isinstance(v, bytes) and len(v) == 1}

@@ -87,10 +87,13 @@ def walk_images(top: Path, prefix: str, listing: Listing, label: int, above: tup
 
 def class_dirs(root: Path, listing: Listing | None = None) -> list[Path]:
     """The class folders of ``root`` (links followed, hidden ones left out), sorted; other entries go to
-    ``listing`` as ignored (files) or problems (dangling links)."""
+    ``listing`` as ignored (files, hidden entries) or problems (dangling links)."""
     dirs = []
     for entry in scan(root):
-        if entry.name.startswith("."):
+        if entry.name.startswith("."):  # .git, .ipynb_checkpoints, .DS_Store: never a class, but never unsaid
+            if listing is not None:
+                listing.ignored.append((printable(entry.name), "hidden (its name starts with '.'): not a class; "
+                                                               "rename it to make it one"))
             continue
         st, why = follow(entry)
         if st is not None and stat.S_ISDIR(st.st_mode):
