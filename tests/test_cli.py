@@ -90,3 +90,38 @@ def test_sweep_tune_report_demo_config_errors_are_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, ["demo", "--out", str(out), "--epochs", "0"])
     assert "--epochs must be an integer >= 1, not 0" in err
     assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from dsimagenet import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_classes", interrupted)
+    assert main(["classes"]) == 130
+    assert capsys.readouterr().err == "dsimagenet classes: interrupted\n"
+
+
+def test_an_error_of_ours_is_one_line_and_anything_else_keeps_its_traceback(monkeypatch, capsys):
+    import pytest
+
+    from dsimagenet import cli
+    from dsimagenet.errors import Diverged, FormatError
+
+    def raising(exc):
+        def f(args):
+            raise exc
+        return f
+
+    monkeypatch.setattr(cli, "_classes", raising(FormatError("data/val_data: truncated")))
+    assert main(["classes"]) == 1
+    assert capsys.readouterr().err == "dsimagenet classes: error: data/val_data: truncated\n"
+    monkeypatch.setattr(cli, "_classes", raising(Diverged("run: loss nan at epoch 1")))
+    assert main(["classes"]) == 3
+    monkeypatch.setattr(cli, "_classes", raising(OSError(28, "No space left on device", "out/checkpoint.pt")))
+    assert main(["classes"]) == 1
+    assert capsys.readouterr().err.endswith("error: out/checkpoint.pt: No space left on device\n")
+    monkeypatch.setattr(cli, "_classes", raising(KeyError("splits")))  # a bug of ours: never a bare "'splits'"
+    with pytest.raises(KeyError):
+        main(["classes"])
