@@ -5,6 +5,7 @@ pickle.load; peak memory of converting the 64 px train set.
     .venv/bin/python bench/load.py open          # 1,281,167 generated rows (writes ~8 GB under bench/out)
     .venv/bin/python bench/load.py convert       # ten 64 px batches of the real shapes (writes ~32 GB)
     .venv/bin/python bench/load.py               # loader only (what `make bench` runs)
+    .venv/bin/python bench/load.py loader --images 2000 --runs 1 --batches 5   # a quick check that it runs
 
 Each prints the figure and its baseline, measured side by side in the same run.
 """
@@ -64,13 +65,13 @@ class PILDataset:
         return (t - self.mean) / self.std, int(self.targets[i])
 
 
-def bench_loader(runs: int, batches: int) -> None:
+def bench_loader(runs: int, batches: int, n: int = 50_000) -> None:
     import torch
 
     from dsimagenet.data import Loader
 
     torch.set_num_threads(2)
-    n, s = 50_000, 32
+    s = 32
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
     targets = rng.integers(0, 1000, n)
@@ -104,7 +105,7 @@ def bench_loader(runs: int, batches: int) -> None:
         a.append(ours())
         b.append(theirs())
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"loader  32 px, batch 128, CPU, {batches} batches, median of {runs}:")
+    print(f"loader  32 px, {n:,} images, batch 128, CPU, {batches} batches, median of {runs}:")
     print(f"  dsimagenet Loader, augment='paper' (2 threads):           {ma:12,.0f} images/s")
     print(f"  PIL Dataset + DataLoader (2 workers), crop+flip+normalize: {mb:12,.0f} images/s")
     print(f"  ratio: {ma / mb:.1f}x")
@@ -182,12 +183,13 @@ def main() -> None:
     p.add_argument("what", nargs="*", default=["loader"], choices=["loader", "open", "convert"])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--batches", type=int, default=100)
+    p.add_argument("--images", type=int, default=50_000, help="images in the loader benchmark's split")
     p.add_argument("--keep", action="store_true", help="keep the generated files under bench/out")
     args = p.parse_args()
     try:
         for w in args.what:
-            {"loader": lambda: bench_loader(args.runs, args.batches), "open": lambda: bench_open(args.runs),
-             "convert": bench_convert}[w]()
+            {"loader": lambda: bench_loader(args.runs, args.batches, args.images),
+             "open": lambda: bench_open(args.runs), "convert": bench_convert}[w]()
     finally:
         if not args.keep:
             shutil.rmtree(OUT, ignore_errors=True)

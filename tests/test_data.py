@@ -170,3 +170,150 @@ def test_stats_from_another_dataset_or_label_order_are_refused(ds, tiny, tmp_pat
     with pytest.raises(ConfigError, match="they come from another dataset"):
         Loader(open_dataset(big, "val"), 8, augment="none", stats=stats)
     Loader(open_dataset(tiny.official(), "val"), 8, augment="none", stats=stats)  # the same classes: fine
+
+
+# --- the pure functions the Loader composes, each against an independent reference
+
+
+class Split:
+    """A split as the functions take it: NHWC uint8 data, labels, the mean image."""
+
+    def __init__(self, data, targets=None, mean=None, wnids=None):
+        self.data, self.targets, self.mean, self.wnids = data, targets, mean, wnids
+
+    def __len__(self):
+        return len(self.data)
+
+
+def global_positions(samples, batch_size, world):
+    """Each rank's plan positions for every step, cut the long way: np.array_split of each global batch."""
+    steps = [np.arange(a, min(a + batch_size, samples)) for a in range(0, samples, batch_size)]
+    return [[np.array_split(s, world)[r] for s in steps] for r in range(world)]
+
+
+@pytest.mark.parametrize("samples,batch_size,world", [(37, 8, 1), (37, 8, 2), (37, 9, 3), (5, 8, 4), (406, 32, 4)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rank_shares_cut_each_global_batch_as_array_split(samples, batch_size, world, drop_last):
+    from dsimagenet.data import rank_shares
+
+    ref = global_positions(samples, batch_size, world)
+    for rank in range(world):
+        shares = rank_shares(samples, batch_size, rank, world, drop_last)
+        want = ref[rank][:samples // batch_size] if drop_last else ref[rank]
+        assert len(shares) == len(want)
+        for (lo, hi), pos in zip(shares.tolist(), want, strict=True):
+            assert list(range(lo, hi)) == pos.tolist()
+
+
+def test_crop_offsets_address_the_crop_in_the_zero_bordered_buffer():
+    from dsimagenet.data import batch_buffers, crop_offsets
+
+    s, b = 8, 5
+    buf = batch_buffers(b, s, "cpu")
+    assert buf.middle.shape == (b, 3, s, s) and buf.rows.shape == (b, 3, s, s) and buf.rows.dtype == torch.uint8
+    values = torch.rand(b, 3, s, s)
+    buf.middle.copy_(values)
+    padded = np.zeros((b, 3, s + 8, s + 8), np.float32)  # built here, apart from the buffer
+    padded[:, :, 4:4 + s, 4:4 + s] = values.numpy()
+    rng = np.random.default_rng(0)
+    slot, shift = rng.integers(0, b, 200), rng.integers(0, 9, (200, 2))
+    shift[:4] = [[0, 0], [8, 8], [0, 8], [8, 0]]  # the corners
+    slot[:4] = b - 1  # the last sample's corners: the view must reach them
+    for o, k, (dy, dx) in zip(crop_offsets(slot, shift, s).tolist(), slot, shift, strict=True):
+        np.testing.assert_array_equal(buf.crops[o].numpy(), padded[k, :, dy:dy + s, dx:dx + s])
+    unshifted = crop_offsets(np.arange(b), None, s).tolist()
+    for k, o in enumerate(unshifted):
+        np.testing.assert_array_equal(buf.crops[o].numpy(), values[k].numpy())
+
+
+@pytest.mark.parametrize("augment", ["paper", "flip", "none"])
+@pytest.mark.parametrize("normalize", ["mean", "meanstd"])
+@pytest.mark.parametrize("resident", [True, False])
+def test_plan_and_gather_batch_match_a_float64_per_sample_loop(augment, normalize, resident):
+    """epoch_plan -> rank_plan -> gather_batch, composed by hand, for every rank of a 3-process world, against
+    the paper's per-sample recipe in float64 with its stats computed here by numpy."""
+    from dsimagenet.data import batch_buffers, compute_stats, gather_batch, make_resident, normalisation, rank_plan
+
+    n, s, bs, world = 23, 8, 9, 3
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    mean, scale = ((images.astype(np.float64).mean(0), 255.0) if normalize == "mean"
+                   else (flat.mean(0), flat.std(0)))
+    stats = compute_stats(Split(images, mean=images.astype(np.float64).mean(0)), normalize)
+    norm = normalisation(stats, s, "cpu")
+    plan = epoch_plan(n, 2, 5, augment, True)
+    src = make_resident(images, "cpu") if resident else images
+    if resident:
+        np.testing.assert_array_equal(src.numpy(), images.transpose(0, 3, 1, 2))
+    for rank, positions in enumerate(global_positions(len(plan.index), bs, world)):
+        p = rank_plan(plan, bs, rank, world, False, s)
+        assert (p.base is None) == (augment == "none")
+        buffers = batch_buffers(bs // world + 1, s, "cpu")
+        for step, pos in enumerate(positions):
+            lo, hi = int(p.bounds[step]), int(p.bounds[step + 1])
+            assert hi - lo == len(pos) and p.mirrored[step] == plan.flip[pos].sum()
+            read = torch.from_numpy(p.read[lo:hi]) if resident else p.read[lo:hi]
+            base = None if p.base is None else torch.from_numpy(p.base[lo:hi])
+            x = gather_batch(src, read, hi - lo - int(p.mirrored[step]), base, norm, buffers)
+            assert x.dtype == torch.float32 and x.shape == (len(pos), 3, s, s)
+            np.testing.assert_array_equal(p.index[lo:hi], plan.index[pos])
+            for j, q in enumerate(pos):
+                ref = (images[plan.index[q]].astype(np.float64) - mean) / scale
+                if plan.flip[q]:
+                    ref = ref[:, ::-1]
+                if plan.shift is not None:
+                    padded = np.zeros((s + 8, s + 8, 3))
+                    padded[4:4 + s, 4:4 + s] = ref
+                    dy, dx = plan.shift[q]
+                    ref = padded[dy:dy + s, dx:dx + s]
+                np.testing.assert_allclose(x[j].numpy(), ref.transpose(2, 0, 1), atol=2e-6)
+
+
+def test_compute_stats_needs_no_loader_and_reads_no_image_for_the_mean(ds, tiny):
+    """What report/figures.py needs: a training split's stats without building a Loader (which would copy
+    the split into memory); "mean" must not touch the images at all."""
+    from dsimagenet.data import compute_stats
+
+    class NoImages(Split):
+        @property
+        def data(self):
+            raise AssertionError("the images were read")
+
+        @data.setter
+        def data(self, value):
+            pass
+
+    mean = tiny.images.astype(np.float64).mean(0)
+    st = compute_stats(NoImages(None, mean=mean, wnids=["a", "b"]), "mean")
+    assert st.kind == "mean" and st.wnids == ("a", "b") and float(st.scale) == 255.0
+    np.testing.assert_array_equal(st.mean, mean)
+    assert compute_stats(NoImages(None), None).mean.tolist() == 0.0
+    flat = tiny.images.reshape(-1, 3).astype(np.float64)
+    ms = compute_stats(ds, "meanstd")
+    np.testing.assert_allclose(ms.mean, flat.mean(0))
+    np.testing.assert_allclose(ms.scale, flat.std(0))
+    for normalize in ("mean", "meanstd", None):  # the same as a Loader's, which it replaces in the report
+        a, b = compute_stats(ds, normalize), Loader(ds, 1, augment="none", normalize=normalize).stats
+        assert a.kind == b.kind and a.wnids == b.wnids == tuple(ds.wnids)
+        assert np.array_equal(a.mean, b.mean) and np.array_equal(a.scale, b.scale)
+
+
+def test_compute_stats_of_an_empty_split_is_refused():
+    from dsimagenet.data import compute_stats
+    from dsimagenet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no images to compute a mean and std from"):
+        compute_stats(Split(np.zeros((0, 8, 8, 3), np.uint8)), "meanstd")
+
+
+def test_decide_residency(tmp_path):
+    """Resident when the split fits in half the free memory; where that is unknown, only an in-memory array."""
+    from dsimagenet.data import decide_residency
+
+    data = np.zeros((10, 8, 8, 3), np.uint8)  # 1,920 bytes
+    assert decide_residency(data, "cpu", free=3840) and not decide_residency(data, "cpu", free=3839)
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.uint8, data.shape)
+    assert decide_residency(data, "cpu", free=0) and not decide_residency(mapped, "cpu", free=0)
+    assert decide_residency(mapped, "cpu", free=1 << 20)
+    assert decide_residency(data, "cpu")  # measured: 1,920 bytes fit (or, RAM unknown, an in-memory array)

@@ -204,7 +204,7 @@ def fig7_ranked_classes(run, out: Path, per_class_images: int = 6) -> Path | Non
     where the run's checkpoint has the true class in its top 5, red where not."""
     import torch
 
-    from dsimagenet.data import Loader
+    from dsimagenet.data import Loader, compute_stats
     from dsimagenet.dataset import open_dataset
     from dsimagenet.model import WideResNet
 
@@ -223,7 +223,7 @@ def fig7_ranked_classes(run, out: Path, per_class_images: int = 6) -> Path | Non
     ranked = sorted(range(len(rows)), key=lambda i: -rows[i][2])
     picks = list(dict.fromkeys(ranked[round(q * (len(ranked) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)))  # best first
     idx_of = {w: i for i, w in enumerate(val.wnids)}
-    stats = Loader(train_ds, 1, "cpu", augment="none", normalize=c["normalize"]).stats
+    stats = compute_stats(train_ds, c["normalize"])  # the mean image from the files: no copy of the split
     plt = _plt()
     fig, axes = plt.subplots(len(picks), per_class_images, figsize=(per_class_images * 1.1, len(picks) * 1.3),
                              squeeze=False)
