@@ -1,7 +1,8 @@
 """Benchmark: building 16, 32 and 64 px (box) from real ImageNet JPEGs, against the paper's two-stage method and
 against decoding alone; the fidelity of --fast; peak memory of a build.
 
-    .venv/bin/python bench/build.py [--sample ../shared/imagenet-sample] [--copies 4] [--runs 3]
+    .venv/bin/python bench/build.py [--sample ../shared/imagenet-sample] [--copies 4] [--runs 3] [--bound-copies 40]
+    .venv/bin/python bench/build.py --bound-only          # just the end-to-end build against its kernel bound
 
 The 500 sample JPEGs are laid out as <wnid>/<file> class folders, ``--copies`` times under different names (so
 that one-time start-up does not dominate); every method uses the same number of processes (``--workers``,
@@ -13,12 +14,17 @@ default: all cores) and is timed end to end, median of ``--runs`` interleaved ru
              back, flatten to channel-planar rows and pickle them (both stages over a process pool);
   decode:    Image.open + load of every file and nothing else (the floor);
   and the exact build of 32 px alone (one resize per decode), to show what each extra size costs.
+Then the build end to end against its own kernel bound, measured in the same run: ``build(... formats pickle +
+native, 16/32/64 box)`` in a fresh interpreter over ``--bound-copies`` copies of the sample (40: 20,000 images,
+so that start-up is well under 5%), against ``workers / the per-image time of the exact kernel in one
+process``; with its parts (start-up, indexing, decode+resize in the workers, writing each format, checksums).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import shutil
@@ -132,6 +138,50 @@ def fidelity(files: list[Path]) -> None:
         print(f"  {m:<9}  {sa / n:11.3f}  {mx:10d}  {psnr:9.2f}  {100 * same / n:15.1f}%")
 
 
+def end_to_end(src: Path, out: Path, workers: int) -> tuple[float, dict[str, float]]:
+    """The wall time of a pickle + native build of SIZES in a fresh interpreter, and its phases."""
+    code = ("import json, time\n"
+            "from dsimagenet.build import BuildConfig, build\n"
+            "t, t0 = {}, time.perf_counter()\n"
+            f"build(BuildConfig(out={str(out)!r}, train={str(src)!r}, sizes={SIZES!r}, methods=('box',), "
+            f"formats=('pickle', 'native'), workers={workers}, allow_partial=True, quiet=True), t)\n"
+            "t['build'] = time.perf_counter() - t0\n"
+            "print(json.dumps(t))")
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    return time.perf_counter() - t, json.loads(done.stdout.splitlines()[-1])
+
+
+def kernel_bound(sample: Path, tmp: Path, copies: int, workers: int, runs: int) -> None:
+    """The build end to end against ``workers / per-image time of the exact kernel``, both measured now."""
+    from dsimagenet.resize import Resize, resize_all
+
+    files = lay_out(sample, tmp / "bound-src", copies)
+    datas = [f.read_bytes() for f in sorted(sample.glob("*.JPEG"))]
+    r = Resize(SIZES, ("box",))
+    per_image, walls = [], []
+    for _ in range(runs):  # interleaved, so that a busy moment of the machine falls on both
+        t = time.perf_counter()
+        for d in datas:
+            resize_all(d, r)
+        per_image.append((time.perf_counter() - t) / len(datas))
+        shutil.rmtree(tmp / "bound-out", ignore_errors=True)
+        walls.append(end_to_end(tmp / "bound-src", tmp / "bound-out", workers))
+    kernel_s = statistics.median(per_image)
+    wall, parts = sorted(walls)[len(walls) // 2]
+    bound, rate = workers / kernel_s, len(files) / wall
+    print(f"bound   {len(files):,} JPEGs ({len(files) // copies} real ones x {copies}), sizes 16/32/64 box, "
+          f"pickle + native, {workers} processes, median of {runs}:")
+    print(f"  end to end {wall:.1f} s = {rate:.0f} images/s; kernel bound {workers} / {1e3 * kernel_s:.2f} ms = "
+          f"{bound:.0f} images/s: {100 * rate / bound:.0f}% of the bound")
+    startup = wall - parts.pop("build")
+    named = {"start-up": startup, "index": parts.pop("index", 0.0),
+             "decode+resize (workers, their spawn included)": parts.pop("resize", 0.0), **parts}
+    named["other (locking, manifests, clean-up)"] = wall - sum(named.values())
+    print("  where the time goes: " + "; ".join(f"{k} {v:.2f} s ({100 * v / wall:.1f}%)" for k, v in named.items()))
+    print(f"  the kernel alone would take {len(files) * kernel_s / workers:.1f} s of it")
+
+
 def kernel(files: list[Path], runs: int) -> None:
     """Per-image cost in one process, no start-up: what a full-size build converges to."""
     from dsimagenet.resize import Resize, resize_all
@@ -169,12 +219,17 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--bound-copies", type=int, default=40)
+    p.add_argument("--bound-only", action="store_true", help="only the end-to-end build against its kernel bound")
     args = p.parse_args()
     if not args.sample.is_dir():
         print(f"skipped: no sample images at {args.sample}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.bound_only:
+            kernel_bound(args.sample, tmp, args.bound_copies, args.workers, args.runs)
+            return
         files = lay_out(args.sample, tmp / "src", args.copies)
         n = len(files)
         times = {k: [] for k in ("exact", "fast", "two-stage", "decode", "exact32")}
@@ -205,6 +260,7 @@ def main() -> None:
         print(f"  peak RSS of the largest build process (pickle+native): {gib:.2f} GiB")
         kernel(sorted(args.sample.glob("*.JPEG")), args.runs)
         fidelity(sorted(args.sample.glob("*.JPEG")))
+        kernel_bound(args.sample, tmp, args.bound_copies, args.workers, args.runs)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
     dsimagenet.build(BuildConfig(out="out", folder="my_dataset", sizes=(32,)))
 
 Source -> index (archives are indexed, never extracted) -> a seeded order -> chunks of rows, each decoded once
-and resized to every (size, method) by worker processes that write their rows straight into place -> the native
-arrays -> the official batch files and a manifest. A journal of finished chunks makes the build resumable after
+and resized to every (size, method) by worker processes that write their rows straight into place (one work
+array per split and output, ``native.RowArray``) -> each requested format written from those rows by its own
+writer (the native arrays adopt them in place; the official batches are cut from them) -> a manifest with the
+sha256 of every file. A journal of finished chunks makes the build resumable after
 any interruption (SIGKILL included) with byte-identical results; the same seed gives the same bytes whatever the
 number of workers and the order in which the file system lists files.
 """
@@ -27,19 +29,22 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dsimagenet.checksum import digest
 from dsimagenet.errors import ConfigError, DSImageNetError
-from dsimagenet.formats import native
+from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
 from dsimagenet.resize import ImageError, Resize, resize_all
 from dsimagenet.sources import folder as folder_source
 from dsimagenet.sources import imagenet as imagenet_source
 from dsimagenet.sources.records import Listing, Record, printable, read_record
+from dsimagenet.versions import libjpeg_version, versions
 
 FORMATS = ("pickle", "npz", "native")
 WORK = ".build"
@@ -130,7 +135,7 @@ class BuildConfig:
 
 # --- worker side -------------------------------------------------------------------------------------------
 
-_fds: dict[str, int] = {}
+_fds: dict[str, int] = {}  # the source files a worker holds open, by path
 
 
 def _die_with_parent(parent: int) -> None:
@@ -169,13 +174,6 @@ def _init_worker(max_pixels: int | None, parent: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _work_fd(path: str) -> int:
-    fd = _fds.get("w:" + path)
-    if fd is None:
-        fd = _fds["w:" + path] = os.open(path, os.O_WRONLY)
-    return fd
-
-
 def _run_chunk(task: dict) -> dict:
     """Decode and resize one chunk of rows and write them into the work arrays; returns notes and bad rows."""
     r: Resize = task["resize"]
@@ -198,11 +196,8 @@ def _run_chunk(task: dict) -> dict:
             notes.append((rec.key, note))
     if bad and not task["skip_bad"]:
         return {"bad": bad}
-    for c, path in task["arrays"].items():
-        fd = _work_fd(path)
-        row_bytes = 3 * c[0] * c[0]
-        os.pwrite(fd, rows[c].data, native._HEADER_BYTES + task["start"] * row_bytes)
-        os.fsync(fd)  # durable before the chunk is journalled as done
+    for c, array in task["arrays"].items():
+        array.write_at(task["start"], rows[c], sync=True)  # durable before the chunk is journalled as done
     return {"split": task["split"], "chunk": task["chunk"], "notes": notes, "bad": bad}
 
 
@@ -323,8 +318,7 @@ def _check_disk(c: BuildConfig, out: Path, splits: dict[str, Listing]) -> None:
     """Refuse, before anything is allocated, a build that cannot fit: the work arrays (which become the native
     files) plus one copy per official format, less what an interrupted build already holds in out/.build."""
     images = sum(len(lst.records) for lst in splits.values())
-    work = sum(native._HEADER_BYTES + len(lst.records) * 3 * s * s for lst in splits.values()
-               for s, _ in c.resize.combos)
+    work = sum(native.array_bytes(len(lst.records), (s, s, 3)) for lst in splits.values() for s, _ in c.resize.combos)
     need = work * (1 + len([f for f in c.formats if f != "native"]))
     have = 0
     if (out / WORK).is_dir():
@@ -340,11 +334,43 @@ def _check_disk(c: BuildConfig, out: Path, splits: dict[str, Listing]) -> None:
                          "formats at a time")
 
 
-def build(c: BuildConfig) -> dict:
-    """Build every (size, method) of ``c``; returns {"<size>_<method>": manifest}."""
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
+
+
+def build(c: BuildConfig, timings: dict[str, float] | None = None) -> dict:
+    """Build every (size, method) of ``c``; returns {"<size>_<method>": manifest}. ``timings``, when given, is
+    filled with the seconds each phase took: index, resize, each format, checksums (bench/build.py's parts)."""
+    timings = {} if timings is None else timings
     out = Path(c.out)
     t0 = time.perf_counter()
-    # Everything that can be checked before a byte is written is: the paths, the sources, the disk.
+    with _timed(timings, "index"):
+        splits, origin = _checked_listings(c, out)
+    with _lock(out):
+        try:
+            result = _build_locked(c, out, splits, origin, timings)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                shutil.rmtree(out / WORK, ignore_errors=True)  # the space is what the user needs back
+                raise BuildError(f"{out}: the disk is full; the unfinished build was removed") from None
+            raise
+    if not c.quiet:
+        m = next(iter(result.values()))
+        counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items())
+        print(f"built {', '.join(result)} in {printable(str(out))}: {counts} images; {len(m['converted'])} "
+              f"converted, {len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
+              f"{time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def _checked_listings(c: BuildConfig, out: Path) -> tuple[dict[str, Listing], dict]:
+    """The sources listed, with everything that can be checked before a byte is written: the paths, the
+    sources (bad entries, counts, empty splits), the disk."""
     _check_paths(c, out)
     if c.verify:
         for p in (c.train, c.val, c.devkit):
@@ -366,51 +392,70 @@ def build(c: BuildConfig) -> dict:
     if empty:
         raise BuildError(f"no images found for {', '.join(empty)}")
     _check_disk(c, out, splits)
-    with _lock(out):
-        try:
-            result = _build_locked(c, out, splits, origin)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                shutil.rmtree(out / WORK, ignore_errors=True)  # the space is what the user needs back
-                raise BuildError(f"{out}: the disk is full; the unfinished build was removed") from None
-            raise
-    if not c.quiet:
-        m = next(iter(result.values()))
-        counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items())
-        print(f"built {', '.join(result)} in {printable(str(out))}: {counts} images; {len(m['converted'])} "
-              f"converted, {len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
-              f"{time.perf_counter() - t0:.0f} s")
-    return result
+    return splits, origin
 
 
-def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin: dict) -> dict:
+def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin: dict,
+                  timings: dict[str, float]) -> dict:
     work = out / WORK
-    digest = _plan_digest(c, splits)
     plan_path, journal_path = work / "plan.json", work / "done.jsonl"
     workers = c.workers or os.cpu_count() or 1
     total = sum(len(lst.records) for lst in splits.values())
-    if plan_path.exists():
-        try:
-            plan = json.loads(plan_path.read_bytes().decode("utf-8"))
-            saved_digest, rows_per_chunk = plan["digest"], plan["rows_per_chunk"]
-            if not isinstance(rows_per_chunk, int) or isinstance(rows_per_chunk, bool) or rows_per_chunk < 1:
-                raise ValueError(f"rows_per_chunk {rows_per_chunk!r}")
-        except (ValueError, KeyError, TypeError) as e:  # written atomically, so damaged by something else
-            raise BuildError(f"{plan_path}: the unfinished build's plan is damaged ({type(e).__name__}: {e}); "
-                             f"remove {work} to start over") from None
-        if saved_digest != digest:
-            raise BuildError(f"{out}: holds an unfinished build with other settings or inputs; run the same "
-                             f"command again to finish it, or remove {work} to start over")
-        # rows_per_chunk: the journal's chunk numbers mean these bounds
-    else:
+    digest_ = _plan_digest(c, splits)
+    rows_per_chunk = _resume_plan(plan_path, digest_, out) if plan_path.exists() else None
+    if rows_per_chunk is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+    order = {split: (np.random.default_rng(c.seed).permutation(len(lst.records)) if split == "train"
+                     else np.arange(len(lst.records))) for split, lst in splits.items()}
+    done = _read_journal(journal_path)
+    arrays = {}
+    for split, lst in splits.items():
+        for size, method in c.resize.combos:
+            path = work / f"{split}_{size}_{method}.npy"
+            if path.exists():
+                arrays[(split, size, method)] = native.RowArray(str(path), len(lst.records), (size, size, 3))
+            else:  # new, or lost: every chunk of this split is (re)done
+                done = {k: v for k, v in done.items() if k[0] != split}
+                arrays[(split, size, method)] = native.RowArray.create(path, len(lst.records), (size, size, 3))
+    if rows_per_chunk is None:
         rows_per_chunk = _chunk_rows(c, total, workers)
-    r = c.resize
-    order = {}
+        with atomic_write(plan_path, "w") as f:
+            json.dump({"digest": digest_, "rows_per_chunk": rows_per_chunk}, f)
+    tasks = []
     for split, lst in splits.items():
         n = len(lst.records)
-        order[split] = (np.random.default_rng(c.seed).permutation(n) if split == "train" else np.arange(n))
+        for k, a in enumerate(range(0, n, rows_per_chunk)):  # the journal's chunk numbers mean these bounds
+            if (split, k) not in done:
+                tasks.append({"split": split, "chunk": k, "start": a, "resize": c.resize, "skip_bad": c.skip_bad,
+                              "records": [lst.records[i] for i in order[split][a:a + rows_per_chunk]],
+                              "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos}})
+    with _timed(timings, "resize"):
+        _run_tasks(c, tasks, journal_path, done, total, workers)
+    manifests = _finish(c, out, splits, order, arrays, done, origin, timings)
+    shutil.rmtree(work)
+    return manifests
+
+
+def _resume_plan(plan_path: Path, digest_: str, out: Path) -> int:
+    """The rows per chunk of the unfinished build in ``plan_path``, which must be this build's plan."""
+    work = plan_path.parent
+    try:
+        plan = json.loads(plan_path.read_bytes().decode("utf-8"))
+        saved_digest, rows_per_chunk = plan["digest"], plan["rows_per_chunk"]
+        if not isinstance(rows_per_chunk, int) or isinstance(rows_per_chunk, bool) or rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk {rows_per_chunk!r}")
+    except (ValueError, KeyError, TypeError) as e:  # written atomically, so damaged by something else
+        raise BuildError(f"{plan_path}: the unfinished build's plan is damaged ({type(e).__name__}: {e}); "
+                         f"remove {work} to start over") from None
+    if saved_digest != digest_:
+        raise BuildError(f"{out}: holds an unfinished build with other settings or inputs; run the same "
+                         f"command again to finish it, or remove {work} to start over")
+    return rows_per_chunk
+
+
+def _read_journal(journal_path: Path) -> dict:
+    """{(split, chunk): entry} of the chunks an earlier run finished."""
     done = {}
     if journal_path.exists():
         for line in journal_path.read_text().splitlines():
@@ -419,33 +464,7 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
                 done[(entry["split"], entry["chunk"])] = entry
             except (ValueError, KeyError, TypeError):
                 break  # a line cut by the kill: that chunk (and any after it) is done again
-    arrays = {}
-    for split, lst in splits.items():
-        for size, method in r.combos:
-            path = work / f"{split}_{size}_{method}.npy"
-            if not path.exists():  # new, or lost: every chunk of this split is (re)done
-                done = {k: v for k, v in done.items() if k[0] != split}
-                with open(path, "wb") as f:
-                    f.write(native._npy_header((len(lst.records), size, size, 3), np.uint8))
-                    f.truncate(native._HEADER_BYTES + len(lst.records) * 3 * size * size)
-            arrays[(split, size, method)] = str(path)
-    if not plan_path.exists():
-        with atomic_write(plan_path, "w") as f:
-            json.dump({"digest": digest, "rows_per_chunk": rows_per_chunk}, f)
-    tasks = []
-    for split, lst in splits.items():
-        n = len(lst.records)
-        for k, a in enumerate(range(0, n, rows_per_chunk)):
-            if (split, k) in done:
-                continue
-            b = min(a + rows_per_chunk, n)
-            tasks.append({"split": split, "chunk": k, "start": a, "resize": r, "skip_bad": c.skip_bad,
-                          "records": [lst.records[i] for i in order[split][a:b]],
-                          "arrays": {(s, m): arrays[(split, s, m)] for s, m in r.combos}})
-    _run_tasks(c, tasks, journal_path, done, total, workers)
-    manifests = _finish(c, out, splits, order, arrays, done, origin)
-    shutil.rmtree(work)
-    return manifests
+    return done
 
 
 def _submit(pool: cf.ProcessPoolExecutor, task: dict) -> cf.Future:
@@ -514,90 +533,99 @@ def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict
             bar.close()
 
 
-def _compact(path: str, bad: set[int], size: int) -> str:
-    """A copy of the work array without the rows of skipped images (the work array itself stays as it is, so
-    that a build interrupted from here on resumes from the journal)."""
-    arr = np.load(path, mmap_mode="r")
-    keep = np.setdiff1d(np.arange(len(arr)), np.fromiter(bad, np.int64))
-    dst = path + ".kept.npy"
-    w = native.NpyWriter(dst, (size, size, 3), np.uint8, len(keep))
-    for a in range(0, len(keep), 4096):
-        w.append(np.asarray(arr[keep[a:a + 4096]]))
+# --- the formats, each written from the rows the workers computed -------------------------------------------
+
+_READ_ROWS = 4096  # rows read at a time from a work array (48 MB at 64 px)
+
+
+def _kept(array: native.RowArray, bad: set[int]) -> native.RowArray:
+    """The work array without the rows of skipped images: the array itself when none were skipped, else a copy
+    (the work array stays as it is, so that a build interrupted from here on resumes from the journal)."""
+    if not bad:
+        return array
+    keep = np.setdiff1d(np.arange(array.count), np.fromiter(bad, np.int64))
+    dst = array.path + ".kept.npy"
+    w = native.NpyWriter(dst, array.row_shape, np.uint8, len(keep))
+    for a in range(0, len(keep), _READ_ROWS):
+        w.append(array.read(keep[a:a + _READ_ROWS]))
     w.close()
-    return dst
+    return native.RowArray(dst, len(keep), array.row_shape)
 
 
 def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, arrays: dict, done: dict,
-            origin: dict) -> dict:
-    from dsimagenet.convert import convert
-    from dsimagenet.runs import versions
-
-    notes = sorted(k_n for e in done.values() for k_n in map(tuple, e["notes"]))
+            origin: dict, timings: dict[str, float]) -> dict:
+    """Every requested format of every (size, method), and its manifest; returns the manifests."""
     bad = {split: {pos: (key, why) for e in done.values() if e["split"] == split for pos, key, why in e["bad"]}
            for split in splits}
     if not c.skip_bad and any(bad.values()):
         key, why = next(iter(next(b for b in bad.values() if b).values()))
         raise BuildError(f"{key}: {why} (found by an earlier run with --skip-bad; pass it again to skip)")
-    skipped = sorted([(k, why) for lst in splits.values() for k, why in lst.problems] +
-                     [(key, why) for b in bad.values() for key, why in b.values()])
     labels = {}
     for split, lst in splits.items():
         lab = np.array([lst.records[i].label for i in order[split]], np.int64)
         labels[split] = np.delete(lab, sorted(bad[split])) if bad[split] else lab
     first = next(iter(splits.values()))
     table = IMAGENET if first.imagenet else ClassTable(tuple(first.wnids), tuple(first.wnids))
+    record = _record(c, splits, done, bad, labels, table, origin)
     manifests = {}
     for size, method in c.resize.combos:
         dst = _combo_dir(out, size, method)
         if dst.exists():
             shutil.rmtree(dst)  # a previous complete build with these settings is replaced whole
         dst.mkdir(parents=True)
-        writer = native.NativeWriter(dst, size, list(table.wnids), list(table.names), method=method,
-                                     source=json.dumps(origin), extra={"aspect": c.aspect, "fast": c.fast})
-        for split in splits:
-            path = arrays[(split, size, method)]
-            if bad[split]:
-                path = _compact(path, set(bad[split]), size)
-            writer.adopt(split, path, labels[split])
-        writer.close()
-        official_formats = [f for f in c.formats if f != "native"]
-        if official_formats:
-            convert(dst, dst, official_formats, src_format="native")
-        if "native" not in c.formats:
-            (dst / native.META).unlink()
-            (dst / "mean.npy").unlink(missing_ok=True)
-            for split in splits:
-                shutil.rmtree(dst / split)
-        manifest = {
-            "dsimagenet_build": 1, "size": size, "method": method,
-            "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("quiet",)},
-            "versions": {**versions(with_torch=False), "libjpeg": _libjpeg_version()}, "source": origin,
-            "label_order": "devkit" if table is IMAGENET else "sorted class folders",
-            "wnids": list(table.wnids), "names": list(table.names),  # the class table: label k is wnids[k - 1]
-            "counts": {split: int(len(lab)) for split, lab in labels.items()},
-            "per_class": {split: {table.wnids[k - 1]: int(v) for k, v in sorted(Counter(lab.tolist()).items())}
-                          for split, lab in labels.items()},
-            "converted": [list(x) for x in notes], "skipped": [list(x) for x in skipped],
-            "ignored": sorted(list(x) for lst in splits.values() for x in lst.ignored),
-            "files": {str(p.relative_to(dst)): _sha256(p) for p in sorted(dst.rglob("*"))
-                      if p.is_file() and p != dst / "manifest.json"},  # convert's, replaced by this one
-        }
+        rows = {split: _kept(arrays[(split, size, method)], set(bad[split])) for split in splits}
+        files = _write_formats(c, dst, rows, labels, table, origin, method, timings)
+        manifest = {"dsimagenet_build": 1, "size": size, "method": method, **record, "files": files}
         with atomic_write(dst / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
         manifests[dst.name] = manifest
     return manifests
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+def _record(c: BuildConfig, splits: dict[str, Listing], done: dict, bad: dict, labels: dict, table: ClassTable,
+            origin: dict) -> dict:
+    """What every output's manifest says about the build (in the manifest's order): settings, versions,
+    sources, the class table, counts, and each image converted, skipped or ignored."""
+    notes = sorted(k_n for e in done.values() for k_n in map(tuple, e["notes"]))
+    skipped = sorted([(k, why) for lst in splits.values() for k, why in lst.problems] +
+                     [(key, why) for b in bad.values() for key, why in b.values()])
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("quiet",)},
+        "versions": {**versions(with_torch=False), "libjpeg": libjpeg_version()}, "source": origin,
+        "label_order": "devkit" if table is IMAGENET else "sorted class folders",
+        "wnids": list(table.wnids), "names": list(table.names),  # the class table: label k is wnids[k - 1]
+        "counts": {split: int(len(lab)) for split, lab in labels.items()},
+        "per_class": {split: {table.wnids[k - 1]: int(v) for k, v in sorted(Counter(lab.tolist()).items())}
+                      for split, lab in labels.items()},
+        "converted": [list(x) for x in notes], "skipped": [list(x) for x in skipped],
+        "ignored": sorted(list(x) for lst in splits.values() for x in lst.ignored),
+    }
 
 
-def _libjpeg_version() -> str | None:
-    from PIL import features
-
-    v = features.version("jpg")
-    return f"{v} (libjpeg-turbo)" if features.check_feature("libjpeg_turbo") else v
+def _write_formats(c: BuildConfig, dst: Path, rows: dict[str, native.RowArray], labels: dict, table: ClassTable,
+                   origin: dict, method: str, timings: dict[str, float]) -> dict[str, str]:
+    """Each requested format of one (size, method) into ``dst``, from the same rows; returns {file: sha256}."""
+    size = next(iter(rows.values())).row_shape[0]
+    files, mean = {}, None
+    if "native" in c.formats:
+        with _timed(timings, "native"):
+            writer = native.NativeWriter(dst, size, list(table.wnids), list(table.names), method=method,
+                                         source=json.dumps(origin), extra={"aspect": c.aspect, "fast": c.fast})
+            for split, array in rows.items():
+                writer.adopt(split, array.path, labels[split])
+            writer.close()
+            mean = writer.mean
+        with _timed(timings, "checksums"):
+            files = {str(p.relative_to(dst)): digest(p) for p in dst.rglob("*") if p.is_file()}
+    kinds = [f for f in c.formats if f != "native"]
+    if kinds:
+        with _timed(timings, "+".join(kinds)):  # their checksums are taken as they are written
+            if mean is None and "train" in rows and len(labels["train"]):
+                mean = native.scan_rows(rows["train"].path, sha256=False)[1] / len(labels["train"])
+            for split, array in rows.items():
+                w = official.SplitWriter(dst, split, array.count, size, kinds, mean)
+                for a in range(0, array.count, _READ_ROWS):
+                    idx = np.arange(a, min(a + _READ_ROWS, array.count))
+                    w.append(array.read(idx), labels[split][idx])
+                files.update(w.close())
+    return dict(sorted(files.items(), key=lambda kv: Path(kv[0]).parts))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsimagenet.dataset import MANIFEST, _check_format, check_mean, class_table, detect_format, find_members
+from dsimagenet.dataset import MANIFEST, check_format, class_table, detect_format
 from dsimagenet.errors import ConfigError
 from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write, fsync_dir
@@ -53,35 +53,29 @@ class Source:
     class_source: str  # where the class table came from
     splits: list[str]
     mean: np.ndarray | None  # float64 (S, S, 3)
-    first: tuple[str, official.Batch] | None = None  # the batch read to learn size and mean, not read twice
+    # the first split's reader, its first batch already read (to learn the size and mean), so never read twice
+    pending: tuple[str, Iterator[tuple[official.Member, official.Batch]]] | None = None
 
     def batches(self, split: str) -> Iterator[SourceBatch]:
         if self.format == "native":
             yield from _native_batches(self.path, split, self.image_size)
             return
-        for m in official.split_members(find_members(self.path), split, self.format, str(self.path)):
-            if self.first is not None and self.first[0] == m.where:
-                b, self.first = self.first[1], None
-            else:
-                b = m.read(len(self.table))
-            if b.image_size != self.image_size:
-                raise official.FormatError(f"{m.where}: {b.image_size} px, the rest are {self.image_size} px")
-            if b.mean is not None:
-                check_mean(b.mean, m.where)
-            yield SourceBatch(m.index, b.data, b.labels)
+        if self.pending is not None and self.pending[0] == split:
+            batches, self.pending = self.pending[1], None
+        else:
+            members = official.split_members(official.find_members(self.path), split, self.format, str(self.path))
+            batches = official.read_split(members, len(self.table), self.image_size)
+        for m, b in batches:
+            out = SourceBatch(m.index, b.data, b.labels)
             del b  # or it stays alive while the next batch is read: two batches in memory
+            yield out
+            del out
 
 
-def _read_rows(path: Path, offset: int, row_shape: tuple[int, ...], start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of a checked uint8 .npy file (rows from ``offset``) with plain reads (a memory map
-    would grow the RSS by what it read)."""
-    row_bytes = int(np.prod(row_shape))
-    with open(path, "rb") as f:
-        f.seek(offset + start * row_bytes)
-        out = np.fromfile(f, dtype=np.uint8, count=(stop - start) * row_bytes)
-    if out.size != (stop - start) * row_bytes:
-        raise native.NativeFormatError(f"{path}: cut short while being read")
-    return out.reshape(stop - start, *row_shape)
+def _prepend(first, rest: Iterator) -> Iterator:
+    yield first
+    del first
+    yield from rest
 
 
 def _native_batches(root: Path, split: str, size: int) -> Iterator[SourceBatch]:
@@ -91,7 +85,7 @@ def _native_batches(root: Path, split: str, size: int) -> Iterator[SourceBatch]:
         rows = np.empty((b - a, 3 * size * size), np.uint8)
         for c in range(a, b, _CHUNK_ROWS):
             d = min(c + _CHUNK_ROWS, b)
-            chunk = _read_rows(root / split / "images.npy", s.images_offset, (size, size, 3), c, d)
+            chunk = native.read_rows(root / split / "images.npy", s.images_offset, (size, size, 3), np.arange(c, d))
             rows[c - a: d - a] = official.nhwc_to_planar(chunk)
         yield SourceBatch(i + 1 if split == "train" else 0, rows, s.labels[a:b])
         del rows
@@ -99,28 +93,26 @@ def _native_batches(root: Path, split: str, size: int) -> Iterator[SourceBatch]:
 
 def open_source(path: str | Path, format: str | None = None) -> Source:
     path = Path(path)
-    _check_format(format)
+    check_format(format)
     fmt = format or detect_format(path)
     if fmt == "native":
         meta = native.read_meta(path)
         table, origin = class_table(path, fmt)
         return Source(path, fmt, meta["image_size"], table, origin, sorted(meta["splits"]),
                       native.read_mean(path, meta))
-    members = find_members(path)
+    members = official.find_members(path)
     splits = sorted({m.split for m in members if m.kind == fmt})  # "train" sorts before "val"
     if not splits:
         raise official.FormatError(f"{path}: no {fmt} batch files (train_data_batch_1..10, val_data"
                                    f"{'.npz' if fmt == 'npz' else ''}) here")
     table, origin = class_table(path, fmt, members)
-    member = official.split_members(members, splits[0], fmt, str(path))[0]
-    first = member.read(len(table))
-    mean = None
-    if splits[0] == "train":  # every train batch carries the mean of all training images
-        if first.mean is None:
-            raise official.FormatError(f"{member.where}: no 'mean' in a train batch")
-        check_mean(first.mean, member.where)
+    batches = official.read_split(official.split_members(members, splits[0], fmt, str(path)), len(table))
+    member, first = next(batches)
+    mean = None  # every train batch carries the mean of all training images (official.read_split checks it)
+    if splits[0] == "train":
         mean = official.planar_to_nhwc(first.mean[None], first.image_size)[0].copy()
-    return Source(path, fmt, first.image_size, table, origin, splits, mean, (member.where, first))
+    return Source(path, fmt, first.image_size, table, origin, splits, mean,
+                  (splits[0], _prepend((member, first), batches)))
 
 
 def _append_rows(sw: native.SplitWriter, rows: np.ndarray, labels: np.ndarray, size: int) -> None:

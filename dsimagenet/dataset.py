@@ -15,8 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,36 +84,9 @@ class _Rows:
         return self.buf[: self.n] if self.n * 2 > len(self.buf) else self.buf[: self.n].copy()
 
 
-_PART_RE = re.compile(r"^(.*_part)(\d+)(.*\.zip)$")
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 ASSUMED = "assumed ILSVRC-2012 devkit order (no manifest.json beside the files)"
-
-
-def _zip_parts(path: Path) -> list[Path]:
-    """Imagenet64_train_part1.zip holds batches 1-5 and part2 6-10: a set of zips named alike but for the part
-    number, found by exact name (Imagenet64_train_part1_npz.zip is another set); every part must be there."""
-    m = _PART_RE.match(path.name)
-    if not m:
-        return [path]
-    head, tail = m.group(1), m.group(3)
-    family = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}$")
-    found = {int(f.group(1)) for p in path.parent.iterdir() if (f := family.match(p.name)) and p.is_file()}
-    parts = range(1, max([*found, 2]) + 1)  # the official sets come in two parts at least
-    missing = [path.parent / f"{head}{k}{tail}" for k in parts if k not in found]
-    if missing:
-        raise official.FormatError(f"{missing[0]}: missing: {path.name} is one of {len(parts)} zips "
-                                   f"({head}{parts[0]}{tail} .. {head}{parts[-1]}{tail}) that hold the set together")
-    return [path.parent / f"{head}{k}{tail}" for k in parts]
-
-
-def find_members(path: str | Path) -> list[official.Member]:
-    """Every official batch file at ``path`` (``official.find_members``); a zip that is one part of a set is
-    read with exactly its set's other parts."""
-    path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path) and _PART_RE.match(path.name):
-        return [m for part in _zip_parts(path) for m in official._zip_members(part)]
-    return official.find_members(path)
 
 
 def detect_format(path: str | Path) -> str:
@@ -127,7 +98,7 @@ def detect_format(path: str | Path) -> str:
                                 f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
-    kinds = {m.kind for m in find_members(path)}
+    kinds = {m.kind for m in official.find_members(path)}
     if not kinds and path.is_file():
         raise official.FormatError(f"{path}: no official batch files in this zip: expected train_data_batch_1..10 "
                                    "and/or val_data (pickles, or .npz), at its top or one folder down")
@@ -137,7 +108,8 @@ def detect_format(path: str | Path) -> str:
     return "npz" if "npz" in kinds else "pickle"
 
 
-def _check_format(format: str | None) -> None:
+def check_format(format: str | None) -> None:
+    """A format argument: one of FORMATS, or None to detect it."""
     if format is not None and format not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS} (or None to detect it), not {format!r}")
 
@@ -203,7 +175,7 @@ def class_table(path: str | Path, fmt: str, members: list[official.Member] | Non
     if fmt == "native":
         return _native_table(native.read_meta(path)), "native meta"
     folders = {path} if path.is_dir() else set()
-    folders |= {Path(m.where).parent for m in members or find_members(path) if ".zip:" not in m.where}
+    folders |= {Path(m.where).parent for m in members or official.find_members(path) if ".zip:" not in m.where}
     # anything under the name counts (a folder, a FIFO, a link to nothing): it is read, and refused, never
     # skipped for ImageNet's classes
     manifests = sorted(f / MANIFEST for f in folders if os.path.lexists(f / MANIFEST))
@@ -215,43 +187,37 @@ def class_table(path: str | Path, fmt: str, members: list[official.Member] | Non
     return IMAGENET, ASSUMED
 
 
-def check_mean(mean: np.ndarray | None, where: str) -> None:
-    """A mean image must be finite and within 0..255: a NaN would silently poison every normalised batch."""
-    if mean is not None and mean.size and not (np.all(np.isfinite(mean)) and mean.min() >= 0 and mean.max() <= 255):
-        raise official.FormatError(f"{where}: its 'mean' has values outside 0..255 (NaN or infinite included)")
-
-
 def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
                selector: _Selector | None = None) -> tuple[RawSplit, np.ndarray | None]:
     """Read a split of format ``fmt`` whose labels index ``table``, keeping only the rows ``selector`` keeps;
     returns it and the new labels (or None)."""
-    path = Path(path)
     if fmt == "native":
-        meta = native.read_meta(path)
-        s = native.open_split(path, split, meta)  # checks headers against meta.json, labels 1..num_classes
-        raw = RawSplit(s.images, s.labels, native.read_mean(path, meta), table, "native", meta["image_size"])
-        if selector is None:
-            return raw, None
-        idx, new = selector(raw.labels)
-        if len(idx) < len(raw.labels):  # read just those rows: indexing the map would read the whole file ahead
-            raw.images = native.read_rows(path / split / "images.npy", s.images_offset, raw.images.shape[1:], idx)
-            raw.labels = raw.labels[idx]
-        return raw, new
-    members = official.split_members(find_members(path), split, fmt, str(path))
+        return _read_native(Path(path), split, table, selector)
+    return _read_official(Path(path), split, fmt, table, selector)
+
+
+def _read_native(path: Path, split: str, table: ClassTable, selector: _Selector | None):
+    meta = native.read_meta(path)
+    s = native.open_split(path, split, meta)  # checks headers against meta.json, labels 1..num_classes
+    raw = RawSplit(s.images, s.labels, native.read_mean(path, meta), table, "native", meta["image_size"])
+    if selector is None:
+        return raw, None
+    idx, new = selector(raw.labels)
+    if len(idx) < len(raw.labels):  # read just those rows: indexing the map would read the whole file ahead
+        raw.images = native.read_rows(path / split / "images.npy", s.images_offset, raw.images.shape[1:], idx)
+        raw.labels = raw.labels[idx]
+    return raw, new
+
+
+def _read_official(path: Path, split: str, fmt: str, table: ClassTable, selector: _Selector | None):
+    """The batches through ``official.read_split`` (every check), transposed into one array as they come."""
+    members = official.split_members(official.find_members(path), split, fmt, str(path))
     rows, all_labels, all_new, mean, size = None, [], [], None, None
-    for m in members:
-        b = m.read(len(table))
+    for _, b in official.read_split(members, len(table)):
         if size is None:
             size, rows = b.image_size, _Rows(b.image_size)
-        elif b.image_size != size:
-            raise official.FormatError(f"{m.where}: {b.image_size} px images, but {members[0].where} has {size} px")
-        if b.mean is not None:
-            check_mean(b.mean, m.where)
-            if mean is None:
-                mean = b.mean
-            elif not np.array_equal(mean, b.mean):
-                raise official.FormatError(f"{m.where}: its 'mean' differs from {members[0].where}'s: "
-                                           "the batches come from different datasets")
+        if mean is None:
+            mean = b.mean
         images = official.planar_to_nhwc(b.data, size)
         if selector is not None:
             idx, new = selector(b.labels)
@@ -260,7 +226,7 @@ def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
             all_new.append(new)
         rows.add(images, expected_total=len(images) * len(members) + len(members) * 16)
         all_labels.append(b.labels)
-        del b
+        del b, images
     mean_img = official.planar_to_nhwc(mean[None], size)[0].copy() if mean is not None else None
     raw = RawSplit(rows.result(), np.concatenate(all_labels), mean_img, table, fmt, size)
     return raw, (np.concatenate(all_new) if selector is not None else None)
@@ -296,7 +262,7 @@ class ImageNetDS:
                                           isinstance(max_per_class, bool) or max_per_class < 1):
             raise ConfigError(f"max_per_class (--max-per-class) must be an integer of at least 1, or None, not "
                               f"{max_per_class!r:.40}")
-        _check_format(format)
+        check_format(format)
         self.root, self.split, self.order = Path(root), split, order
         self.transform, self.target_transform = transform, target_transform
         fmt = format or detect_format(root)

@@ -466,8 +466,8 @@ def test_a_subset_tree_of_links_builds_as_the_real_one(rel, tmp_path):
 def test_interrupted_while_finishing_resumes_identically(rel, tmp_path, monkeypatch):
     common = dict(train=str(rel.train_tar), sizes=(8, 16), formats=("native", "pickle"), **QUIET)
     build(BuildConfig(out=str(tmp_path / "whole"), **common))
-    module = sys.modules["dsimagenet.convert"]  # dsimagenet.convert is also the re-exported function
-    real, calls = module.convert, []
+    writer = sys.modules["dsimagenet.formats.official"].SplitWriter  # the official files of one split
+    real, calls = writer.close, []
 
     def dies_second_time(*a, **k):
         calls.append(1)
@@ -475,10 +475,10 @@ def test_interrupted_while_finishing_resumes_identically(rel, tmp_path, monkeypa
             raise KeyboardInterrupt  # as a kill would, after the first combination was finished
         return real(*a, **k)
 
-    monkeypatch.setattr(module, "convert", dies_second_time)
+    monkeypatch.setattr(writer, "close", dies_second_time)
     with pytest.raises(KeyboardInterrupt):
         build(BuildConfig(out=str(tmp_path / "cut"), **common))
-    monkeypatch.setattr(module, "convert", real)
+    monkeypatch.setattr(writer, "close", real)
     build(BuildConfig(out=str(tmp_path / "cut"), **common))
     for combo in ("8_box", "16_box"):
         a, b = files_of(tmp_path / "whole" / combo), files_of(tmp_path / "cut" / combo)

@@ -492,10 +492,10 @@ def test_info_of_a_huge_sparse_dataset_reads_no_image(nat, monkeypatch):
     (nat / "mean.npy").unlink()
     shutil.rmtree(nat / "val")
     with open(nat / "train" / "images.npy", "wb") as f:
-        f.write(native._npy_header((n, s, s, 3), np.uint8))
+        f.write(native.npy_header((n, s, s, 3), np.uint8))
         f.truncate(128 + n * s * s * 3)
     np.save(nat / "train" / "labels.npy", np.arange(n, dtype=np.int64) % 1000 + 1)
-    monkeypatch.setattr(native, "_hash_data", lambda *a, **k: pytest.fail("an array was read whole"))
+    monkeypatch.setattr(native, "digest", lambda *a, **k: pytest.fail("an array was read whole"))
     tracemalloc.start()
     try:
         info = describe(nat)

@@ -26,26 +26,71 @@ from pathlib import Path
 
 import numpy as np
 
+from dsimagenet.checksum import digest, read_chunks
 from dsimagenet.errors import DSImageNetError
 from dsimagenet.formats.atomic import atomic_write, commit, fsync_dir, temp_path
 
 FORMAT_NAME = "dsimagenet-native"
 FORMAT_VERSION = 1
 META = "meta.json"
-_HEADER_BYTES = 128  # a fixed-size .npy header, so it can be rewritten once the row count is known
-_HASH_CHUNK = 64 << 20
+HEADER_BYTES = 128  # a fixed-size .npy header, so it can be rewritten once the row count is known
 
 
 class NativeFormatError(DSImageNetError, ValueError):
     pass
 
 
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy 1.0 header dsimagenet writes: always ``HEADER_BYTES`` long, so rows start at a known offset."""
     d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
-    body_len = _HEADER_BYTES - 10
+    body_len = HEADER_BYTES - 10
     if len(d) >= body_len:
         raise ValueError(f"shape {shape} too large for the header")
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + (d.ljust(body_len - 1) + "\n").encode()
+
+
+def array_bytes(count: int, row_shape: tuple[int, ...], dtype=np.uint8) -> int:
+    """The size of the .npy file of ``count`` rows that dsimagenet writes (header and data)."""
+    return HEADER_BYTES + count * int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+@dataclass(frozen=True)
+class RowArray:
+    """An .npy file of ``count`` rows of a known shape, written at row offsets by any process: the builder's
+    work arrays, created once, filled chunk by chunk by its workers (a picklable value: each write opens the
+    file), and kept across an interruption. ``RowArray.create`` writes the header and sizes the file (sparse:
+    rows never written read as zeros)."""
+
+    path: str
+    count: int
+    row_shape: tuple[int, ...]
+    dtype: str = "|u1"
+
+    @classmethod
+    def create(cls, path: str | Path, count: int, row_shape: tuple[int, ...], dtype=np.uint8) -> RowArray:
+        a = cls(str(path), count, tuple(row_shape), np.dtype(dtype).str)
+        with open(path, "wb") as f:
+            f.write(npy_header((count, *a.row_shape), a.dtype))
+            f.truncate(array_bytes(count, a.row_shape, a.dtype))
+        return a
+
+    def write_at(self, start: int, rows: np.ndarray, sync: bool = False) -> None:
+        """Rows ``start``.. in place; ``sync`` makes them durable before returning (before a journal says so)."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape or start < 0 or start + len(rows) > self.count:
+            raise ValueError(f"{self.path}: rows {start}..{start + len(rows)} of shape {rows.shape[1:]}, the "
+                             f"array holds {self.count} of {self.row_shape}")
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, rows.data, array_bytes(start, self.row_shape, self.dtype))
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (ascending), read with plain reads (``read_rows``)."""
+        return read_rows(self.path, HEADER_BYTES, self.row_shape, idx)
 
 
 class NpyWriter:
@@ -58,9 +103,9 @@ class NpyWriter:
         self.tmp = temp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.tmp, "wb+")
-        self.f.write(_npy_header((count or 0, *row_shape), self.dtype))
+        self.f.write(npy_header((count or 0, *row_shape), self.dtype))
         if count is not None:
-            self.f.truncate(_HEADER_BYTES + count * self.row_bytes)
+            self.f.truncate(HEADER_BYTES + count * self.row_bytes)
         self.rows = 0
         self.hasher: hashlib._Hash | None = hashlib.sha256()  # valid while rows arrive in order
 
@@ -74,7 +119,7 @@ class NpyWriter:
         rows = self._check(rows)
         if self.count is not None and self.rows + len(rows) > self.count:
             raise ValueError(f"{self.path}: more than the {self.count} rows announced")
-        self.f.seek(_HEADER_BYTES + self.rows * self.row_bytes)
+        self.f.seek(HEADER_BYTES + self.rows * self.row_bytes)
         self.f.write(rows.data)
         if self.hasher is not None:
             self.hasher.update(rows.data)
@@ -84,7 +129,7 @@ class NpyWriter:
         rows = self._check(rows)
         if self.count is None or start < 0 or start + len(rows) > self.count:
             raise ValueError(f"{self.path}: rows {start}..{start + len(rows)} outside 0..{self.count}")
-        os.pwrite(self.f.fileno(), rows.data, _HEADER_BYTES + start * self.row_bytes)
+        os.pwrite(self.f.fileno(), rows.data, HEADER_BYTES + start * self.row_bytes)
         self.hasher = None
 
     def close(self) -> str:
@@ -92,12 +137,15 @@ class NpyWriter:
         if self.count is not None and self.hasher is not None and self.rows != self.count:
             raise ValueError(f"{self.path}: {self.rows} rows written of {self.count}")
         self.f.seek(0)
-        self.f.write(_npy_header((count, *self.row_shape), self.dtype))
+        self.f.write(npy_header((count, *self.row_shape), self.dtype))
         self.f.flush()
-        digest = self.hasher.hexdigest() if self.hasher is not None else _hash_data(self.f, count * self.row_bytes)
+        if self.hasher is not None:
+            sha = self.hasher.hexdigest()
+        else:  # rows came out of order (write_at): read the data back
+            sha = digest(self.f, offset=HEADER_BYTES, nbytes=count * self.row_bytes, short=NativeFormatError)
         self.f.close()
         commit(self.tmp, self.path)
-        return digest
+        return sha
 
     def abort(self) -> None:
         self.f.close()
@@ -105,24 +153,10 @@ class NpyWriter:
             os.unlink(self.tmp)
 
 
-def _hash_data(f, nbytes: int, offset: int = _HEADER_BYTES) -> str:
-    """sha256 of ``nbytes`` of ``f`` from ``offset``, read in chunks."""
-    h = hashlib.sha256()
-    f.seek(offset)
-    while nbytes > 0:
-        chunk = f.read(min(_HASH_CHUNK, nbytes))
-        if not chunk:
-            raise NativeFormatError(f"{getattr(f, 'name', 'array')}: shorter than its header says")
-        h.update(chunk)
-        nbytes -= len(chunk)
-    return h.hexdigest()
-
-
 def array_sha256(path: str | Path) -> str:
     """sha256 of an .npy file's data bytes (what meta.json records)."""
     h = read_npy_header(path)
-    with open(path, "rb") as f:
-        return _hash_data(f, int(np.prod(h.shape)) * h.dtype.itemsize, h.offset)
+    return digest(path, offset=h.offset, nbytes=int(np.prod(h.shape)) * h.dtype.itemsize, short=NativeFormatError)
 
 
 class SplitWriter:
@@ -139,11 +173,6 @@ class SplitWriter:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images.append(images)
         self.labels.append(labels)
-        self.pixel_sum += images.sum(axis=0, dtype=np.float64)
-
-    def write_at(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images.write_at(start, images)
-        self.labels.write_at(start, labels)
         self.pixel_sum += images.sum(axis=0, dtype=np.float64)
 
     def close(self) -> dict:
@@ -169,9 +198,27 @@ def place(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def scan_rows(path: str | Path, sha256: bool = True) -> tuple[str | None, np.ndarray]:
+    """One pass over a checked uint8 (N, S, S, 3) array: the sha256 of its data (None unless ``sha256``) and
+    the float64 sum of its rows (exact: sums of uint8 stay integers far below 2**53, whatever the order)."""
+    h = read_npy_header(path)
+    if h.dtype != np.uint8 or len(h.shape) != 4:
+        raise _bad(Path(path), f"{h.dtype} {h.shape}: expected uint8 rows of images (N, S, S, 3)")
+    row_shape = h.shape[1:]
+    row = int(np.prod(row_shape))
+    hasher, pixel_sum = hashlib.sha256() if sha256 else None, np.zeros(row_shape, np.float64)
+    with open_regular(path) as f:
+        for chunk in read_chunks(f, h.shape[0] * row, h.offset, max(1, (16 << 20) // row) * row, NativeFormatError):
+            if hasher is not None:
+                hasher.update(chunk)
+            rows = np.frombuffer(chunk, np.uint8).reshape(-1, *row_shape)
+            pixel_sum += rows.sum(axis=0, dtype=np.float64)
+    return (hasher.hexdigest() if hasher is not None else None), pixel_sum
+
+
 class AdoptedSplit:
     """A split whose images.npy was written elsewhere (the builder's work array): linked into place on close,
-    with its checksum and pixel sums read back in chunks."""
+    with its checksum and pixel sums read back in one pass."""
 
     def __init__(self, root: Path, split: str, images_path: str | Path, labels: np.ndarray, label_dtype):
         self.root, self.split, self.src, self.labels, self.label_dtype = root, split, Path(images_path), labels, \
@@ -181,23 +228,14 @@ class AdoptedSplit:
     def close(self) -> dict:
         dst = self.root / self.split / "images.npy"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.load(self.src, mmap_mode="r")
-        if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != len(self.labels):
-            raise ValueError(f"{self.src}: {arr.dtype} {arr.shape} for {len(self.labels)} labels")
-        h, self.pixel_sum = hashlib.sha256(), np.zeros(arr.shape[1:], np.float64)
-        row = int(np.prod(arr.shape[1:]))
-        with open(self.src, "rb") as f:
-            f.seek(arr.offset)
-            for a in range(0, len(arr), 8192):
-                n = min(8192, len(arr) - a)
-                chunk = np.fromfile(f, np.uint8, n * row)
-                h.update(chunk.data)
-                self.pixel_sum += chunk.reshape(n, *arr.shape[1:]).sum(axis=0, dtype=np.float64)
-        del arr
+        h = read_npy_header(self.src)
+        if h.dtype != np.uint8 or len(h.shape) != 4 or h.shape[0] != len(self.labels):
+            raise ValueError(f"{self.src}: {h.dtype} {h.shape} for {len(self.labels)} labels")
+        sha, self.pixel_sum = scan_rows(self.src)
         place(self.src, dst)
         labels = NpyWriter(self.root / self.split / "labels.npy", (), self.label_dtype, len(self.labels))
         labels.append(self.labels)
-        return {"count": len(self.labels), "sha256": {"images.npy": h.hexdigest(), "labels.npy": labels.close()}}
+        return {"count": len(self.labels), "sha256": {"images.npy": sha, "labels.npy": labels.close()}}
 
     def abort(self) -> None:
         pass
@@ -250,6 +288,7 @@ class NativeWriter:
         mean = self.mean
         if mean is None and "train" in self.splits and splits["train"]["count"]:
             mean = self.splits["train"].pixel_sum / splits["train"]["count"]
+        self.mean = mean  # what the official files of the same rows carry
         if mean is not None:
             with atomic_write(self.root / "mean.npy") as f:
                 np.save(f, np.asarray(mean, dtype=np.float64))
@@ -462,7 +501,7 @@ def _read_all(path: Path, h: NpyHeader) -> np.ndarray:
 class NativeSplit:
     images: np.ndarray  # np.memmap uint8 (N, S, S, 3) (an empty array when N is 0)
     labels: np.ndarray  # int64 (N,), 1-based
-    images_offset: int = _HEADER_BYTES  # where the rows start in images.npy
+    images_offset: int = HEADER_BYTES  # where the rows start in images.npy
 
 
 def open_split(root: str | Path, split: str, meta: dict | None = None) -> NativeSplit:
@@ -540,12 +579,12 @@ def verify(root: str | Path) -> list[str]:
              for name, digest in info["sha256"].items()]
     if "mean" in meta:
         files.append((meta["mean"]["file"], meta["mean"]["sha256"]))
-    for rel, digest in files:
+    for rel, want in files:
         try:
             actual = array_sha256(root / rel)
         except (OSError, NativeFormatError) as e:
             problems.append(f"{root / rel}: unreadable: {e}")
             continue
-        if actual != digest:
-            problems.append(f"{root / rel}: sha256 {actual[:12]}..., meta.json says {digest[:12]}...")
+        if actual != want:
+            problems.append(f"{root / rel}: sha256 {actual[:12]}..., meta.json says {want[:12]}...")
     return problems

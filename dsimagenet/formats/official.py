@@ -29,6 +29,7 @@ from typing import IO
 
 import numpy as np
 
+from dsimagenet.checksum import HashingWriter, digest
 from dsimagenet.errors import FormatError
 from dsimagenet.formats import safepickle
 from dsimagenet.formats.atomic import atomic_write
@@ -287,18 +288,30 @@ def _zip_members(path: Path) -> Iterator[Member]:
                          info.file_size)
 
 
-def _sibling_parts(path: Path) -> list[Path]:
-    """Imagenet64_train_part1.zip holds batches 1-5 and part2 holds 6-10: take both when given one (and only
-    those: not the _npz.zip parts beside them)."""
-    m = re.match(r"^(.*_part)\d+(.*\.zip)$", path.name)
+_PART_RE = re.compile(r"^(.*_part)(\d+)(.*\.zip)$")
+
+
+def zip_set(path: Path) -> list[Path]:
+    """The zips that hold one set together: Imagenet64_train_part1.zip holds batches 1-5 and part2 6-10. Found by
+    exact name, alike but for the part number (Imagenet64_train_part1_npz.zip is another set); every part must
+    be there. Any other zip is a set of one."""
+    m = _PART_RE.match(path.name)
     if not m:
         return [path]
-    same = re.compile(re.escape(m.group(1)) + r"\d+" + re.escape(m.group(2)))
-    return sorted(p for p in path.parent.iterdir() if same.fullmatch(p.name) and p.is_file())
+    head, tail = m.group(1), m.group(3)
+    family = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}$")
+    found = {int(f.group(1)) for p in path.parent.iterdir() if (f := family.match(p.name)) and p.is_file()}
+    parts = range(1, max([*found, 2]) + 1)  # the official sets come in two parts at least
+    missing = [path.parent / f"{head}{k}{tail}" for k in parts if k not in found]
+    if missing:
+        raise FormatError(f"{missing[0]}: missing: {path.name} is one of {len(parts)} zips "
+                          f"({head}{parts[0]}{tail} .. {head}{parts[-1]}{tail}) that hold the set together")
+    return [path.parent / f"{head}{k}{tail}" for k in parts]
 
 
 def find_members(path: str | Path) -> list[Member]:
-    """Every official batch file at ``path``: a folder (files, or zips, possibly one folder down) or a zip."""
+    """Every official batch file at ``path``: a folder (files, or zips, possibly one folder down) or a zip (with
+    the other parts of its set, ``zip_set``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -306,7 +319,7 @@ def find_members(path: str | Path) -> list[Member]:
     if path.is_file():
         if not zipfile.is_zipfile(path):
             raise FormatError(f"{path}: expected a folder of batch files or a zip of them")
-        for part in _sibling_parts(path):
+        for part in zip_set(path):
             members.extend(_zip_members(part))
         return members
     for f in sorted(path.iterdir()) + sorted(p for d in sorted(path.iterdir()) if d.is_dir()
@@ -341,6 +354,31 @@ def split_members(members: list[Member], split: str, kind: str | None, where: st
             raise FormatError(f"{where}: train batches must be 1..{NUM_BATCHES}; missing {missing}, "
                               f"unexpected {extra} (is a part of the 64 px train zips missing?)")
     return [by_index[i] for i in sorted(by_index)]
+
+
+def read_split(members: list[Member], num_classes: int = 1000,
+               image_size: int | None = None) -> Iterator[tuple[Member, Batch]]:
+    """The batches of one split (``split_members``), one at a time, with every check a split needs beyond its
+    files' own (``Member.read``: structure, labels 1..num_classes, a mean in each train batch, finite and in
+    0..255): every batch of ``image_size`` (default: the first one's), and one mean in all of them (batches
+    with different means come from different datasets). The only reader of official splits: datasets,
+    conversions and ``info`` all read through it."""
+    first_mean, first = None, None
+    for m in members:
+        b = m.read(num_classes)
+        if image_size is None:
+            image_size, first = b.image_size, m
+        elif b.image_size != image_size:
+            raise FormatError(f"{m.where}: {b.image_size} px images, but "
+                              f"{first.where + ' has' if first else 'the rest are'} {image_size} px")
+        if b.mean is not None:
+            if first_mean is None:
+                first_mean = (m, b.mean)
+            elif not np.array_equal(first_mean[1], b.mean):
+                raise FormatError(f"{m.where}: its 'mean' differs from {first_mean[0].where}'s: the batches come "
+                                  "from different datasets")
+        yield m, b
+        del b  # or it stays alive while the next batch is read: two batches in memory
 
 
 def batch_bounds(n: int, num_batches: int = NUM_BATCHES) -> list[tuple[int, int]]:
@@ -406,9 +444,10 @@ class _BatchPickler(pickle._Pickler):
 
 
 def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np.ndarray | None,
-                kind: str) -> None:
+                kind: str) -> str:
     """Write one official batch file atomically: ``rows`` uint8 (n, 3*S*S) channel-planar, ``labels`` 1-based
-    devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val. An empty batch is legal."""
+    devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val. An empty batch is legal. Returns the
+    file's sha256 (a pickle's taken as it is written; an npz, which zipfile writes with seeks, read back)."""
     if rows.dtype != np.uint8 or rows.ndim != 2:
         raise ValueError(f"rows must be uint8 (n, 3*S*S), not {rows.dtype} {rows.shape}")
     if kind == "npz":
@@ -418,8 +457,67 @@ def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np
     obj = {"data": rows, "labels": labels_out}
     if mean is not None:
         obj["mean"] = np.asarray(mean, dtype=np.float64).reshape(-1)
-    with atomic_write(path) as f:
+    with atomic_write(path, "wb+") as f:
         if kind == "npz":
             np.savez(f, **obj)
-        else:  # protocol 3, as the originals; BINBYTES holds at most 4 GiB, protocol 4 has BINBYTES8
-            _BatchPickler(f, protocol=3 if rows.nbytes < 2**32 else 4).dump(obj)
+            f.flush()
+            return digest(f, offset=0)
+        # protocol 3, as the originals; BINBYTES holds at most 4 GiB, protocol 4 has BINBYTES8
+        hashed = HashingWriter(f)
+        _BatchPickler(hashed, protocol=3 if rows.nbytes < 2**32 else 4).dump(obj)
+        return hashed.hexdigest()
+
+
+class SplitWriter:
+    """Writes one split as official batch files, in each of ``kinds`` ("pickle", "npz"), from its ``count``
+    images given in order (NHWC, as a build computes them): cut as the official files are (``batch_bounds``:
+    ten train batches, one val_data), each batch written as soon as its rows are in. ``mean`` (S, S, 3) goes
+    into every train batch. ``close()`` returns {file name: sha256}. Memory: one batch."""
+
+    def __init__(self, root: str | Path, split: str, count: int, image_size: int, kinds: list[str],
+                 mean: np.ndarray | None = None):
+        self.root, self.split, self.kinds, self.size = Path(root), split, list(kinds), image_size
+        self.bounds = batch_bounds(count) if split == "train" else [(0, count)]
+        self.mean_rows = nhwc_to_planar(np.asarray(mean)[None])[0] if mean is not None and split == "train" \
+            else None
+        self.done, self.checksums = 0, {}  # rows taken, files written
+        self.batch = 0  # the batch being filled
+        self._new_batch()
+
+    def _new_batch(self) -> None:
+        a, b = self.bounds[self.batch] if self.batch < len(self.bounds) else (self.done, self.done)
+        self.rows = np.empty((b - a, 3 * self.size * self.size), np.uint8)
+        self.labels = np.empty(b - a, np.int64)
+
+    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """The next images (n, S, S, 3) uint8 and their labels."""
+        while len(images):
+            if self.batch >= len(self.bounds):
+                raise ValueError(f"{self.root}: more than the {self.bounds[-1][1]} {self.split} rows announced")
+            a, b = self.bounds[self.batch]
+            if self.done == b:  # an empty batch (fewer than ten train rows)
+                self._write_batch()
+                continue
+            take = min(len(images), b - self.done)
+            at = self.done - a  # channel-planar rows, transposed straight into the batch (no temporary)
+            self.rows[at: at + take].reshape(take, 3, self.size, self.size)[:] = images[:take].transpose(0, 3, 1, 2)
+            self.labels[at: at + take] = labels[:take]
+            self.done += take
+            images, labels = images[take:], labels[take:]
+            if self.done == b:
+                self._write_batch()
+
+    def _write_batch(self) -> None:
+        index = self.batch + 1 if self.split == "train" else 0
+        for kind in self.kinds:
+            name = batch_name(self.split, index, kind)
+            self.checksums[name] = write_batch(self.root / name, self.rows, self.labels, self.mean_rows, kind)
+        self.batch += 1
+        self._new_batch()
+
+    def close(self) -> dict[str, str]:
+        while self.batch < len(self.bounds) and self.bounds[self.batch][1] == self.done:  # empty batches
+            self._write_batch()
+        if self.batch < len(self.bounds):
+            raise ValueError(f"{self.root}: {self.done} {self.split} rows written of {self.bounds[-1][1]}")
+        return self.checksums

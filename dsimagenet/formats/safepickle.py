@@ -48,6 +48,10 @@ for _op, _cost in {0x7D: 72, 0x5D: 64, 0x29: 8, 0x85: 56, 0x86: 64, 0x87: 72, 0x
     _COST[_op] = _cost
 
 
+_PAYLOAD_OPS = frozenset((0x58, 0x8C, 0x8D, 0x43, 0x42, 0x8E, 0x96, 0x55, 0x54))
+_CONTROL_OPS = frozenset((0x63, 0x93, 0x52, 0x62, 0x80, 0x95, 0x97, 0x98))
+
+
 class Refused(Exception):
     """A pickle construct the reader does not accept; the message says which and why."""
 
@@ -393,32 +397,8 @@ class _Unpickler:
                 if idx not in self.memo:
                     raise Refused(f"memo entry {idx} is read but was never stored")
                 st.append(self.memo[idx])
-            elif op in (0x58, 0x8C, 0x8D):  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                n = int.from_bytes(s.read({0x58: 4, 0x8C: 1, 0x8D: 8}[op]), "little")
-                raw = s.payload(n)
-                self.charge(n + 56, "a text string")
-                try:
-                    st.append(str(raw, "utf-8", "surrogatepass"))
-                except UnicodeDecodeError as e:
-                    raise Refused(f"BINUNICODE text that is not UTF-8: {e.reason}") from None
-                del raw  # dropped as soon as its text exists (2.4 GB for a 64 px batch from protocol 2)
-            elif op in (0x43, 0x42, 0x8E, 0x96):  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8 (in-band)
-                n = int.from_bytes(s.read({0x43: 1, 0x42: 4, 0x8E: 8, 0x96: 8}[op]), "little")
-                raw = s.payload(n)
-                self.charge(40, "a bytes object")
-                st.append(raw if isinstance(raw, bytes) else _Blob(raw))
-                del raw
-            elif op in (0x55, 0x54):  # SHORT_BINSTRING, BINSTRING: a Python 2 str, read as latin-1 text
-                n = s.byte() if op == 0x55 else int.from_bytes(s.read(4), "little", signed=True)
-                if n < 0:
-                    raise Refused(f"BINSTRING of negative length {n}")
-                raw = s.payload(n)
-                if isinstance(raw, bytes):
-                    self.charge(n + 56, "a Python 2 string")
-                    st.append(str(raw, "latin-1"))
-                else:  # a large one is array data (numpy 1.x on Python 2): its bytes are latin-1, kept as read
-                    st.append(_Blob(raw))
-                del raw
+            elif op in _PAYLOAD_OPS:  # text and bytes: a length, then that many bytes
+                self.load_payload(op)
             elif op == 0x7D:  # EMPTY_DICT
                 st.append({})
             elif op == 0x5D:  # EMPTY_LIST
@@ -447,41 +427,77 @@ class _Unpickler:
                 st.append(op == 0x88)
             elif op == 0x47:  # BINFLOAT
                 st.append(struct.unpack(">d", s.read(8))[0])
-            elif op == 0x63:  # GLOBAL (protocols 2, 3)
-                module, name = s.line(), s.line()
-                st.append(self.find_global(module.decode("utf-8", "replace"), name.decode("utf-8", "replace")))
-            elif op == 0x93:  # STACK_GLOBAL (protocols 4, 5)
-                name, module = self.pop(), self.pop()
-                if not (isinstance(module, str) and isinstance(name, str)):
-                    raise Refused("STACK_GLOBAL of something other than two strings")
-                st.append(self.find_global(module, name))
-            elif op == 0x52:  # REDUCE
-                args, fn = self.pop(), self.pop()
-                st.append(self.reduce(fn, args))
-            elif op == 0x62:  # BUILD
-                state = self.pop()
-                self.build(self.top(), state)
-            elif op == 0x80:  # PROTO
-                v = s.byte()
-                if s.offset() != 2 or not 2 <= v <= 5:
-                    raise Refused(f"PROTO {v} at byte {s.offset() - 2}: only protocols 2 to 5, stated first")
-            elif op == 0x95:  # FRAME (protocol 4+): only a hint how much to buffer; its size must fit the file
-                n = int.from_bytes(s.read(8), "little")
-                left = s.remaining()
-                if left is not None and n > left:
-                    raise Refused(f"a FRAME of {n:,} bytes, but only {left:,} bytes are left in the file")
+            elif op in _CONTROL_OPS:  # globals, calls, protocol and frames
+                self.load_control(op)
             elif op == 0x30:  # POP
                 self.pop()
             elif op == 0x31:  # POP_MARK
                 self.pop_mark()
             elif op == 0x2E:  # STOP
                 return self.stop()
-            elif op in (0x97, 0x98):
-                raise Refused("a protocol 5 out-of-band buffer (NEXT_BUFFER/READONLY_BUFFER): the data is not "
-                               "in the file")
             else:
                 raise Refused(f"opcode {_opname(op)}: not written by the pickles this reads "
                                "(numpy arrays, lists of numbers, dicts)")
+
+    def load_payload(self, op: int) -> None:
+        """The opcodes of text and bytes: a length, then that many bytes (``Stream.payload`` bounds them)."""
+        s, st = self.s, self.stack
+        if op in (0x58, 0x8C, 0x8D):  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+            n = int.from_bytes(s.read({0x58: 4, 0x8C: 1, 0x8D: 8}[op]), "little")
+            raw = s.payload(n)
+            self.charge(n + 56, "a text string")
+            try:
+                st.append(str(raw, "utf-8", "surrogatepass"))
+            except UnicodeDecodeError as e:
+                raise Refused(f"BINUNICODE text that is not UTF-8: {e.reason}") from None
+            del raw  # dropped as soon as its text exists (2.4 GB for a 64 px batch from protocol 2)
+        elif op in (0x43, 0x42, 0x8E, 0x96):  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8 (in-band)
+            n = int.from_bytes(s.read({0x43: 1, 0x42: 4, 0x8E: 8, 0x96: 8}[op]), "little")
+            raw = s.payload(n)
+            self.charge(40, "a bytes object")
+            st.append(raw if isinstance(raw, bytes) else _Blob(raw))
+            del raw
+        elif op in (0x55, 0x54):  # SHORT_BINSTRING, BINSTRING: a Python 2 str, read as latin-1 text
+            n = s.byte() if op == 0x55 else int.from_bytes(s.read(4), "little", signed=True)
+            if n < 0:
+                raise Refused(f"BINSTRING of negative length {n}")
+            raw = s.payload(n)
+            if isinstance(raw, bytes):
+                self.charge(n + 56, "a Python 2 string")
+                st.append(str(raw, "latin-1"))
+            else:  # a large one is array data (numpy 1.x on Python 2): its bytes are latin-1, kept as read
+                st.append(_Blob(raw))
+            del raw
+
+    def load_control(self, op: int) -> None:
+        """The opcodes of globals, calls and the protocol: PROTO, FRAME, GLOBAL, STACK_GLOBAL, REDUCE, BUILD."""
+        s, st = self.s, self.stack
+        if op == 0x63:  # GLOBAL (protocols 2, 3)
+            module, name = s.line(), s.line()
+            st.append(self.find_global(module.decode("utf-8", "replace"), name.decode("utf-8", "replace")))
+        elif op == 0x93:  # STACK_GLOBAL (protocols 4, 5)
+            name, module = self.pop(), self.pop()
+            if not (isinstance(module, str) and isinstance(name, str)):
+                raise Refused("STACK_GLOBAL of something other than two strings")
+            st.append(self.find_global(module, name))
+        elif op == 0x52:  # REDUCE
+            args, fn = self.pop(), self.pop()
+            st.append(self.reduce(fn, args))
+        elif op == 0x62:  # BUILD
+            state = self.pop()
+            self.build(self.top(), state)
+        elif op == 0x80:  # PROTO
+            v = s.byte()
+            if s.offset() != 2 or not 2 <= v <= 5:
+                raise Refused(f"PROTO {v} at byte {s.offset() - 2}: only protocols 2 to 5, stated first")
+        elif op == 0x95:  # FRAME (protocol 4+): only a hint how much to buffer; its size must fit the file
+            n = int.from_bytes(s.read(8), "little")
+            left = s.remaining()
+            if left is not None and n > left:
+                raise Refused(f"a FRAME of {n:,} bytes, but only {left:,} bytes are left in the file")
+        elif op in (0x97, 0x98):
+            raise Refused("a protocol 5 out-of-band buffer (NEXT_BUFFER/READONLY_BUFFER): the data is not "
+                           "in the file")
 
     def append(self, items: list) -> None:
         lst = self.top()

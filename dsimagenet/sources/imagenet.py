@@ -11,7 +11,6 @@ with the package.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsimagenet.checksum import digest
 from dsimagenet.labels import IMAGENET, NUM_VAL_IMAGES, val_ground_truth
 from dsimagenet.sources.folder import follow, list_class_tree, scan
 from dsimagenet.sources.records import (
@@ -274,10 +274,7 @@ def verify_md5(path: str | Path) -> None:
     if want is None:
         raise SourceError(f"--verify: {path.name} is not one of the official archives whose MD5 is known "
                           f"({', '.join(MD5)})")
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    if h.hexdigest() != want:
-        raise SourceError(f"--verify: {path}: MD5 {h.hexdigest()}, the official archive has {want}: the download "
+    md5 = digest(path, "md5")
+    if md5 != want:
+        raise SourceError(f"--verify: {path}: MD5 {md5}, the official archive has {want}: the download "
                           "is damaged or not the official file")
