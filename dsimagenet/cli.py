@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the system's word on a path (missing, unreadable, disk full): one line naming it
         print(f"dsimagenet {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: what was done is kept (builds, runs and sweeps resume); 128 + SIGINT
-        print(f"dsimagenet {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what was done is kept (builds, runs, sweeps resume)
+        print(f"dsimagenet {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)  # runs.Interrupted says where
+        return getattr(e, "exit_code", 130)  # 128 + the signal
     # Anything else is a bug of ours and keeps its traceback.
 
 

@@ -27,6 +27,25 @@ def default_depth(image_size: int) -> int:
     return DEFAULT_DEPTH.get(image_size, 4 + 8 * num_stacks(image_size))
 
 
+def stack_widths(width: float, stacks: int) -> list[int]:
+    """Filters of each stack: 16k, 32k, 64k, 128k, rounded."""
+    return [int(round(16 * width * 2**s)) for s in range(stacks)]
+
+
+def parameter_count(depth: int, width: float, num_classes: int = 1000, image_size: int = 32) -> int:
+    """What ``count_parameters(WideResNet(...))`` would give, worked out without building the model (which for
+    a depth or width far beyond the machine would take hours or all of its memory before failing)."""
+    stacks = num_stacks(image_size)
+    n = (depth - 4) // (2 * stacks)
+    total, cin = 3 * 16 * 9 + 2 * 16, 16  # stem conv, its BN (weight and bias)
+    for s, cout in enumerate(stack_widths(width, stacks)):
+        block = 2 * cout + 9 * cin * cout + 9 * cout * cout + cout  # conv1, BN2, conv2 and its bias
+        total += block + cin * cout + (2 * cin if s > 0 else 0)  # first block: projection; BN1 but in the very first
+        total += (n - 1) * (2 * cout + 9 * cout * cout + 2 * cout + 9 * cout * cout + cout)  # the others
+        cin = cout
+    return total + 2 * cin + cin * num_classes + num_classes  # final BN, fc
+
+
 class Block(nn.Module):
     """BN-ReLU -> conv3x3 (no bias) -> BN-ReLU -> dropout -> conv3x3 (bias); a 1x1 projection shortcut
     (no bias) in the first block of each stack, taking the pre-activated input."""
@@ -64,8 +83,7 @@ class WideResNet(nn.Module):
         self.depth, self.width, self.image_size, self.num_classes = depth, width, image_size, num_classes
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         blocks, cin = [], 16
-        for s in range(stacks):
-            cout = int(round(16 * width * 2**s))
+        for s, cout in enumerate(stack_widths(width, stacks)):
             for b in range(n):
                 first = b == 0
                 blocks.append(Block(cin, cout, 2 if first and s > 0 else 1, project=first,

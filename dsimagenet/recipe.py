@@ -25,6 +25,11 @@ ORDERS = ("devkit", "sorted")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits, numpy any non-negative integer
+# counts (epochs, batches, steps, pixels) go through numpy's and torch's int64 arithmetic (step * batch_size):
+# 2**31 - 1 keeps every product of two of them in range, and is beyond any real run
+MAX_COUNT = 2**31 - 1
+LARGEST = 1e38  # the learning rate and the decay are float32 scalars inside the optimizer (at most 3.4e38)
+MAX_WIDTH = 2.0**16  # 1M filters in the first stack; the model's memory is checked against the machine's
 # Fields that may change when a run is resumed: they do not change what is computed.
 OPERATIONAL = {"out", "data", "log_every", "checkpoint_minutes", "checkpoint_every_steps", "compile", "compile_mode",
                "quiet",
@@ -89,8 +94,9 @@ def _is_number(v) -> bool:
 
 
 def _int(lo: int, hi: int | None = None, optional: bool = False) -> tuple[Callable, str]:
+    """Without ``hi``, a count: at most MAX_COUNT, which ``validate`` says only to a value above it."""
     text = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-    return (lambda v: (optional and v is None) or (_is_int(v) and lo <= v and (hi is None or v <= hi)),
+    return (lambda v: (optional and v is None) or (_is_int(v) and lo <= v <= (MAX_COUNT if hi is None else hi)),
             text + (" (or left out)" if optional else ""))
 
 
@@ -99,10 +105,10 @@ def _number(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: 
         return (_is_number(v) and (v > lo if lo_open else v >= lo)
                 and (hi is None or (v < hi if hi_open else v <= hi)))
 
-    low = f"> {lo}" if lo_open else f">= {lo}"
+    low = f"> {lo:.9g}" if lo_open else f">= {lo:.9g}"
     if hi is None:
         return ok, f"a finite number {low}"
-    return ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return ok, f"a number in {'(' if lo_open else '['}{lo:.9g}, {hi:.9g}{')' if hi_open else ']'}"
 
 
 def _one_of(choices: tuple) -> tuple[Callable, str]:
@@ -118,7 +124,9 @@ def _flag() -> tuple[Callable, str]:
 
 
 def _epochs_list() -> tuple[Callable, str]:
-    return (lambda v: isinstance(v, tuple) and all(_is_int(m) and m >= 1 for m in v)), "epochs, each >= 1"
+    # increasing: "5 3" or "3 3" is a typo more likely than a wish (the schedule would not tell them apart)
+    return (lambda v: isinstance(v, tuple) and all(_is_int(m) and 1 <= m <= MAX_COUNT for m in v)
+            and list(v) == sorted(set(v))), f"increasing epochs, each in 1..{MAX_COUNT}"
 
 
 # field -> (accepts the value, the allowed values in words); a test checks that every field has its rule
@@ -127,19 +135,19 @@ RULES: dict[str, tuple[Callable, str]] = {
     "out": _text(),
     "size": _int(1, optional=True),
     "depth": _int(6, optional=True),
-    "width": _number(1 / 16),  # the first stack has round(16 * width) filters
+    "width": _number(1 / 16, MAX_WIDTH),  # the first stack has round(16 * width) filters
     "dropout": _number(0, 1, hi_open=True),
     "epochs": _int(1),
-    "lr": _number(0, lo_open=True),
+    "lr": _number(0, LARGEST, lo_open=True),
     "schedule": _one_of(SCHEDULES),
     "milestones": _epochs_list(),
-    "gamma": _number(0, lo_open=True),
+    "gamma": _number(0, LARGEST, lo_open=True),
     "sgdr_t0": _int(1),
     "sgdr_mult": _int(1),
     "batch_size": _int(1),
     "momentum": _number(0, 1, hi_open=True),
     "nesterov": _flag(),
-    "weight_decay": _number(0),
+    "weight_decay": _number(0, LARGEST),  # the optimizer's decay is 2 * weight_decay
     "label_smoothing": _number(0, 1),
     "augment": _one_of(AUGMENTS),
     "normalize": _one_of(NORMALIZE),
@@ -153,7 +161,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "compile": _flag(),
     "compile_mode": _one_of(COMPILE_MODES),
     "log_every": _int(1),
-    "checkpoint_minutes": _number(0),
+    "checkpoint_minutes": _number(0, 1e9),
     "checkpoint_every_steps": _int(1, optional=True),
     "eval_batch_size": _int(1),
     "report_epoch": _int(1),
@@ -172,11 +180,17 @@ def validate(c: TrainConfig) -> None:
         ok, allowed = RULES[f.name]
         value = getattr(c, f.name)
         if not ok(value):
+            if _is_int(value) and value > MAX_COUNT and allowed.startswith("an integer >="):
+                allowed = allowed.replace(" (or left out)", "") + f" and at most {MAX_COUNT}"
             raise ConfigError(f"{flag(f.name)} must be {allowed}, not {value!r}")
     if c.depth is not None and (c.depth - 4) % 2:
         raise ConfigError(f"--depth must be 4 + 2 * n * stacks (an even number >= 6), not {c.depth}")
     if c.nesterov and c.momentum == 0:
         raise ConfigError("--nesterov needs a --momentum above 0")
+    if c.schedule == "step" and c.milestones and math.log(c.lr) + len(c.milestones) * max(0.0, math.log(c.gamma)) \
+            > math.log(LARGEST):  # in logs: gamma ** k itself can overflow a float
+        raise ConfigError(f"--lr {c.lr:g} times --gamma {c.gamma:g} after each of the {len(c.milestones)} "
+                          f"--milestones exceeds {LARGEST:g}: the optimizer holds it as a float32")
 
 
 def learning_rate(c: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:

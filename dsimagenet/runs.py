@@ -41,6 +41,33 @@ class RunError(DSImageNetError, ValueError):
     checkpoint that belongs elsewhere. The message names the file and what is wrong."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) after saving a checkpoint at the
+    step it had reached: ``--resume`` continues exactly there. A KeyboardInterrupt, so that a sweep or a study
+    stops as well rather than going on to its next run; ``exit_code`` is 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def check_result(run: Path, result: dict, metrics: list[dict], epochs: int) -> None:
+    """A finished run's result.json must be the one its metrics.jsonl gives (a result.json copied from another
+    run, or left from a longer one, would otherwise be reported as this run's): an error naming the file."""
+    if result.get("status", "finished") != "finished":
+        return
+    last = metrics[-1] if metrics else {}
+    problems = [f"{k} is {result.get(k)!r}, the last epoch of {METRICS} says {last.get(k)!r}"
+                for k in ("top1_error", "top5_error") if result.get(k) != last.get(k)]
+    if result.get("epochs") != epochs or [m["epoch"] for m in metrics] != list(range(1, epochs + 1)):
+        problems.append(f"it is a result after {result.get('epochs')!r} epochs, {METRICS} holds epochs "
+                        f"{[m['epoch'] for m in metrics][-3:]!r}{' (the last three)' if len(metrics) > 3 else ''} "
+                        f"and the run has {epochs}")
+    if problems:
+        raise RunError(f"{run / RESULT}: not this run's result: {'; '.join(problems)}; remove it and --resume to "
+                       "derive it again from the checkpoint")
+
+
 def versions(with_torch: bool = True) -> dict:
     import numpy
     import PIL
@@ -75,6 +102,21 @@ def naming(path: Path, note: str = "") -> Iterator[None]:
         raise OSError(e.errno, (e.strerror or str(e)) + note, str(path)) from e
 
 
+def check_regular(path: Path) -> None:
+    """An error naming ``path`` if it exists and is not a regular file (a link to one is fine): reading a FIFO
+    waits forever for a writer, a device such as /dev/zero never ends, a folder fails in a way that names
+    nothing about the run."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise RunError(f"{path}: is {kind}, not a file: a run directory holds only files it wrote; remove it")
+
+
 def write_json(path: Path, obj: dict) -> None:
     with naming(path), atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=False)  # NaN is not JSON: writing one is a bug of ours
@@ -91,6 +133,7 @@ def read_metrics(run: Path) -> list[dict]:
     """The epoch lines. A last line cut short (a kill or a full disk while appending it) is left out: its epoch
     is run again on resume; a damaged line before it is an error naming the file and the line."""
     path = Path(run) / METRICS
+    check_regular(path)
     if not path.exists():
         return []
     lines = path.read_text(errors="replace").split("\n")
@@ -164,6 +207,7 @@ def hold(run: Path) -> Iterator[None]:
 # --- reading runs -------------------------------------------------------------------------------------------
 
 def read_json(path: Path) -> dict:
+    check_regular(path)
     try:
         obj = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:

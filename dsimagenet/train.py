@@ -38,10 +38,10 @@ from torch import nn
 from dsimagenet import runs
 from dsimagenet.data import Loader
 from dsimagenet.dataset import ImageNetDS
-from dsimagenet.errors import ConfigError, Diverged
+from dsimagenet.errors import ConfigError, Diverged, FormatError
 from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write
-from dsimagenet.model import WideResNet, count_parameters, default_depth, num_stacks
+from dsimagenet.model import WideResNet, count_parameters, default_depth, num_stacks, parameter_count
 from dsimagenet.recipe import OPERATIONAL, TrainConfig, learning_rate
 from dsimagenet.runs import RunError
 
@@ -54,6 +54,13 @@ def dataset_fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     if native.is_native(path):
         meta = native.read_meta(path)
+        # the fingerprint stands for the data only while the arrays are what meta.json says they are: an image
+        # changed in place after the build would otherwise train (and resume) unnoticed; training reads all of
+        # the data anyway, so hashing it costs a read it does first
+        problems = native.verify(path)
+        if problems:
+            raise FormatError(f"{path}: the data differs from its meta.json ({'; '.join(problems[:3])}"
+                              f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
         h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
         return h.hexdigest()
     files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
@@ -228,6 +235,7 @@ def _load_checkpoint(path: Path, model: WideResNet, opt: torch.optim.Optimizer, 
     """The checkpoint's state, loaded into ``model`` and ``opt`` and the RNGs once it is known to be this run's:
     its data, its configuration, tensors that fit the model, finite values, a place within the run."""
     fix = "; remove it to restart the run from the beginning"
+    runs.check_regular(path)
     try:  # weights_only: tensors and plain values only, never code from the file
         state = torch.load(path, map_location=dev, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
@@ -309,6 +317,7 @@ def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tu
     if c.depth is not None and (c.depth - 4) % (2 * stacks):
         raise ConfigError(f"--depth {c.depth} is not 4 + 2 * n * {stacks} ({stacks} stacks for {size} px images): "
                           f"try {4 + 8 * stacks}")
+    _check_memory(c, device, local_rank, size, len(train_ds.wnids), len(train_ds), world)
     chosen = f" of the first {c.classes} classes (--classes)" if c.classes else ""
     for split, ds in (("train", train_ds), ("val", val_ds)):
         if len(ds) == 0:
@@ -322,6 +331,31 @@ def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tu
                           f"{world} processes drop an epoch's last partial batch: use a --batch-size of at most "
                           f"{max(world, samples - samples % world)}")
     return device, train_ds, val_ds
+
+
+BLOCK_BYTES = 8 << 10  # a block's Python objects (six modules, their parameters): about 14 KiB measured
+
+
+def _check_memory(c: TrainConfig, device: str, local_rank: int, size: int, num_classes: int, images: int,
+                  world: int) -> None:
+    """Refuse a model that cannot fit, before it is built: building a WRN of depth 10**9 would take hours, and
+    one of width 10**6 fails deep in torch's allocator. A lower bound is compared, so nothing that fits is refused:
+    weights, gradients and momentum in float32, the blocks' objects, and each block's output kept for backward."""
+    depth = c.depth or default_depth(size)
+    stacks = num_stacks(size)
+    n = (depth - 4) // (2 * stacks)
+    params = parameter_count(depth, c.width, num_classes, size)
+    batch = min(c.batch_size, images * (2 if c.augment == "paper" else 1)) // world or 1
+    kept = sum(n * round(16 * c.width * 2**s) * max(1, size >> s) ** 2 for s in range(stacks))  # floats a sample
+    need = 12 * params + BLOCK_BYTES * n * stacks + 4 * kept * batch
+    if device == "cuda":
+        have, where = torch.cuda.get_device_properties(local_rank).total_memory, f"GPU {local_rank}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > have:
+        raise ConfigError(f"--depth {depth} --width {c.width:g}: WRN-{depth}-{c.width:g} has {params:,} parameters; "
+                          f"training it at a batch of {batch} needs at least {need / 2**30:,.1f} GiB, more than the "
+                          f"{have / 2**30:,.1f} GiB of {where}: choose a smaller --depth, --width or --batch-size")
 
 
 @contextlib.contextmanager
@@ -349,6 +383,34 @@ def _hold(run: Path, d: Dist, dev: torch.device) -> Iterator[tuple[bool, bool]]:
         yield bool(state[1]), bool(state[2])
 
 
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """While training, SIGINT and SIGTERM ask the loop to stop after the step it is in (the list they go into is
+    read there): it checkpoints that step and raises ``runs.Interrupted``. A second SIGINT interrupts at once, as
+    a KeyboardInterrupt anywhere (the previous checkpoint is kept). Only the main thread can take signals."""
+    import signal
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+
 def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
 
@@ -366,12 +428,12 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
     fingerprint = dataset_fingerprint(c.data)
-    with _hold(Path(c.out), d, dev) as (is_run, has_result):
-        return _train(c, d, dev, train_ds, val_ds, fingerprint, is_run, has_result, resume, on_epoch)
+    with _hold(Path(c.out), d, dev) as (is_run, has_result), _stop_signals() as stop:
+        return _train(c, d, dev, train_ds, val_ds, fingerprint, is_run, has_result, resume, on_epoch, stop)
 
 
 def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_ds: ImageNetDS, fingerprint: str,
-           is_run: bool, has_result: bool, resume: bool, on_epoch) -> dict:
+           is_run: bool, has_result: bool, resume: bool, on_epoch, stop: list[int]) -> dict:
     amp = dev.type == "cuda" and c.bf16
     run = Path(c.out)
     size = train_ds.image_size
@@ -431,6 +493,7 @@ def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val
             result = runs.read_json(run / runs.RESULT)
             if result.get("status") == "diverged":
                 raise Diverged(result.get("message") or f"{run}: this run diverged; start a new one with a lower --lr")
+            runs.check_result(run, result, runs.read_metrics(run), c.epochs)
             return result
         if ckpt_path.exists():
             state = _load_checkpoint(ckpt_path, model, opt, c, fingerprint, steps, dev)
@@ -475,6 +538,20 @@ def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val
     def acc_values() -> list[float]:
         return [float(v) for v in acc_t.tolist()]
 
+    def stopping() -> bool:
+        """Whether a signal asked to stop: every step with one process (a Python list, no synchronisation);
+        with several, all must stop at the same step, so they agree at the log points and epoch ends."""
+        if d.world == 1:
+            return bool(stop)
+        return d.all_reduce(torch.tensor([float(bool(stop))], device=dev)).item() > 0
+
+    def interrupted(epoch: int, step: int) -> None:
+        import signal
+
+        signum = stop[0] if stop else signal.SIGTERM  # another rank got it
+        raise runs.Interrupted(f"{run}: stopped by {signal.Signals(signum).name} in epoch {epoch + 1} at step "
+                               f"{step}/{steps}; the checkpoint is saved there: --resume to continue", signum)
+
     # --- the loop
     last_ckpt, last_lr, ev = time.monotonic(), None, None
     for epoch in range(start_epoch, c.epochs):
@@ -503,6 +580,9 @@ def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val
                     diverged(epoch, done, f"the running training loss is {running}")
             due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (
                 log and time.monotonic() - last_ckpt > 60 * c.checkpoint_minutes)
+            if done < steps and (d.world == 1 or log) and stopping():
+                checkpoint(epoch, done)
+                interrupted(epoch, done)
             if due and done < steps:
                 checkpoint(epoch, done)
                 last_ckpt = time.monotonic()
@@ -534,6 +614,8 @@ def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val
                       f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s", flush=True)
         checkpoint(epoch + 1, 0)
         last_ckpt = time.monotonic()
+        if epoch + 1 < c.epochs and stopping():  # after the last epoch: the result is a moment away
+            interrupted(epoch + 1, 0)
         if on_epoch is not None and d.main:
             on_epoch(line)
 

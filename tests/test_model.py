@@ -53,3 +53,14 @@ def test_decayed_parameters_are_conv_and_linear_weights():
     # biases of the second convs and of the linear layer, and BN affine parameters, are not decayed
     assert sum(1 for mod in convs if mod.bias is not None) + 2 * sum(
         1 for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)) == len(rest)
+
+
+@pytest.mark.parametrize("depth, width, classes, size", [(6, 1, 10, 8), (10, 0.0625, 1000, 8), (20, 1, 1000, 16),
+                                                         (28, 2, 100, 32), (36, 3, 1000, 64), (28, 1.3, 7, 32)])
+def test_parameter_count_without_building_the_model(depth, width, classes, size):
+    from dsimagenet.model import parameter_count
+
+    assert parameter_count(depth, width, classes, size) == count_parameters(WideResNet(depth, width, classes, size))
+    # the formula scales to models that could never be built: linear in the blocks of each stack
+    big = parameter_count(4 + 2 * 10**9, 1, 10, 8)
+    assert big - parameter_count(4 + 2 * (10**9 - 1), 1, 10, 8) == 2 * 16 + 9 * 16 * 16 * 2 + 2 * 16 + 16

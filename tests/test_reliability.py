@@ -442,6 +442,109 @@ def test_resume_without_a_checkpoint_or_without_a_run_starts_from_the_beginning(
     assert _lines(tmp_path / "fresh") == _lines(tmp_path / "whole")
 
 
+def _train_cli(data, out, *extra):
+    return [sys.executable, "-m", "dsimagenet", "train", "--data", str(data), "--out", str(out), "--epochs", "3",
+            "--depth", "6", "--batch-size", "8", "--lr", "0.05", "--device", "cpu", "--log-every", "1",
+            "--dropout", "0.1", *extra]
+
+
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+def test_sigterm_or_sigint_checkpoints_the_step_reached_and_resumes_exactly(tmp_path, sig, name):
+    """A cluster's preemption (SIGTERM) or Ctrl-C (SIGINT) in the middle of an epoch: before, SIGTERM lost every
+    step since the last checkpoint and SIGINT gave a traceback; now the step reached is checkpointed, the error
+    says so, and --resume gives what an uninterrupted run gives, bitwise."""
+    data = learnable_native(tmp_path / "d")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_cli(data, tmp_path / "whole", "--quiet"), check=True, env=env)
+    run = tmp_path / "run"
+    p = subprocess.Popen(_train_cli(data, run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # the event: epoch 2 has taken 3 steps (16 in all), and no checkpoint since epoch 1's
+        if line.startswith("  epoch 2 step 3/"):
+            p.send_signal(sig)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0, "the run finished before the signal"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and 3 <= state["step"] < 16  # the step reached, not the end of epoch 1
+    # (the one line and the exit status: test_sigterm_on_the_command_line_is_one_line_with_exit_status_143)
+    assert sorted(x.name for x in run.iterdir()) == [".run.lock", "checkpoint.pt", "config.json", "metrics.jsonl"]
+    subprocess.run(_train_cli(data, run, "--quiet", "--resume"), check=True, env=env)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _lines(run) == _lines(tmp_path / "whole")
+
+
+def test_sigterm_on_the_command_line_is_one_line_with_exit_status_143(tmp_path):
+    data = learnable_native(tmp_path / "d")
+    run = tmp_path / "run"
+    p = subprocess.Popen(_train_cli(data, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("  epoch 1 step 2/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    _, err = p.communicate(timeout=120)
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert (p.returncode, err) == (143, f"dsimagenet train: {run}: stopped by SIGTERM in epoch 1 at step {step}/16; "
+                                        "the checkpoint is saved there: --resume to continue\n")
+
+
+@pytest.mark.parametrize("name, kind", [("checkpoint.pt", "fifo"), ("checkpoint.pt", "link to /dev/zero"),
+                                        ("config.json", "fifo"), ("metrics.jsonl", "fifo"), ("result.json", "folder")])
+def test_a_fifo_a_device_or_a_folder_in_place_of_a_run_file_is_refused(tmp_path, name, kind):
+    """Before, a FIFO in place of checkpoint.pt (or config.json...) made --resume wait forever for a writer."""
+    data = learnable_native(tmp_path / "d")
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(run), epochs=1, **FAST))
+    (run / "result.json").unlink()
+    (run / name).unlink(missing_ok=True)
+    {"fifo": os.mkfifo, "link to /dev/zero": lambda p: os.symlink("/dev/zero", p), "folder": os.mkdir}[kind](run / name)
+    cmd = [sys.executable, "-c", "import sys; from dsimagenet.cli import main; sys.exit(main(sys.argv[1:]))",
+           "train", "--data", str(data), "--out", str(run), "--epochs", "1", "--depth", "6", "--batch-size", "16",
+           "--lr", "0.05", "--device", "cpu", "--quiet", "--resume"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # a generous bound: the wait was endless
+    what = {"fifo": "a FIFO", "link to /dev/zero": "a device or socket", "folder": "a folder"}[kind]
+    assert p.returncode == 1 and p.stderr == f"dsimagenet train: error: {run / name}: is {what}, not a file: a run " \
+                                             "directory holds only files it wrote; remove it\n"
+
+
+def test_a_result_json_that_is_not_this_runs_is_refused(tmp_path):
+    """Before, a result.json copied from another run (or left from a longer one) was returned as this run's."""
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST)
+    mine = train(c)
+    other = train(TrainConfig(**{**c.__dict__, "out": str(tmp_path / "other"), "epochs": 2, "lr": 0.2}))
+    assert (other["top1_error"], other["epochs"]) != (mine["top1_error"], mine["epochs"])
+    (tmp_path / "run" / "result.json").write_text((tmp_path / "other" / "result.json").read_text())
+    with pytest.raises(RunError, match=r"run/result.json: not this run's result: .*it is a result after 2 epochs, "
+                                       r"metrics.jsonl holds epochs \[1\] and the run has 1; remove it"):
+        train(c, resume=True)
+    (tmp_path / "run" / "result.json").unlink()  # as the message says: derived again from the checkpoint
+    again = train(c, resume=True)
+    assert {k: again[k] for k in ("top1_error", "top5_error", "epochs")} == \
+        {k: mine[k] for k in ("top1_error", "top5_error", "epochs")}
+
+
+def test_data_changed_in_place_after_the_build_is_refused(tmp_path):
+    """Before, an image changed in the arrays after the build kept the fingerprint (made from meta.json), so a
+    run trained and resumed on it without a word."""
+    from dsimagenet.errors import FormatError
+
+    data = learnable_native(tmp_path / "d")
+    c = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, **FAST)
+    train(c)
+    images = data / "val" / "images.npy"
+    raw = bytearray(images.read_bytes())
+    raw[-1] ^= 0xFF  # one channel of one pixel of the last image
+    images.write_bytes(bytes(raw))
+    (tmp_path / "run" / "result.json").unlink()
+    for config, resume in ((c, True), (TrainConfig(**{**c.__dict__, "out": str(tmp_path / "new")}), False)):
+        with pytest.raises(FormatError, match=r"the data differs from its meta.json \(.*val/images.npy: sha256 "):
+            train(config, resume=resume)
+    assert not (tmp_path / "new").exists()
+
+
 # --- many random kills (make reliability) ------------------------------------------------------------------
 
 def _kill_until_done(cmd, rng, max_seconds, kills):
@@ -521,12 +624,12 @@ def test_training_survives_10_random_kills(tmp_path):
 
 
 def test_resuming_with_other_settings_is_refused(rel, tmp_path, monkeypatch):
-    module = sys.modules["dsimagenet.convert"]
+    from dsimagenet.formats import official
 
-    def interrupted(*a, **k):
+    def interrupted(*a, **k):  # Ctrl-C while the official files are written, after every chunk is done
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "convert", interrupted)
+    monkeypatch.setattr(official.SplitWriter, "close", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), sizes=(8,), allow_partial=True,
                           **QUIET))

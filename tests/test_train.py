@@ -205,16 +205,19 @@ def test_compiled_step_matches_eager(learnable, tmp_path):
 # one value out of range for every field of TrainConfig, and the words of the allowed range the error must give
 BAD = {
     "data": ("", "a path"), "out": ("", "a path"), "size": (0, ">= 1"), "depth": (4, ">= 6"),
-    "width": (0.0, ">= 0.0625"), "dropout": (1.0, "[0, 1)"), "epochs": (0, ">= 1"), "lr": (float("nan"), "> 0"),
-    "schedule": ("linear", "step, cosine, sgdr"), "milestones": ((10, 0), "each >= 1"), "gamma": (0, "> 0"),
-    "sgdr_t0": (0, ">= 1"), "sgdr_mult": (0, ">= 1"), "batch_size": (0, ">= 1"), "momentum": (-0.1, "[0, 1)"),
-    "nesterov": ("yes", "true or false"), "weight_decay": (-1e-4, ">= 0"), "label_smoothing": (5, "[0, 1]"),
-    "augment": ("mixup", "paper, flip, none"), "normalize": ("std", "mean, meanstd"), "classes": (1001, "1..1000"),
-    "max_per_class": (0, ">= 1"), "order": ("random", "devkit, sorted"), "seed": (-1, "0..9223372036854775807"),
+    "width": (0.0, "[0.0625, 65536]"), "dropout": (1.0, "[0, 1)"), "epochs": (0, ">= 1"),
+    "lr": (float("nan"), "(0, 1e+38]"), "schedule": ("linear", "step, cosine, sgdr"),
+    "milestones": ((10, 0), "increasing epochs, each in 1..2147483647"), "gamma": (0, "(0, 1e+38]"),
+    "sgdr_t0": (0, ">= 1"), "sgdr_mult": (0, ">= 1"), "batch_size": (0, ">= 1"),
+    "momentum": (-0.1, "[0, 1)"), "nesterov": ("yes", "true or false"), "weight_decay": (-1e-4, "[0, 1e+38]"),
+    "label_smoothing": (5, "[0, 1]"), "augment": ("mixup", "paper, flip, none"),
+    "normalize": ("std", "mean, meanstd"), "classes": (1001, "1..1000"), "max_per_class": (0, ">= 1"),
+    "order": ("random", "devkit, sorted"), "seed": (-1, "0..9223372036854775807"),
     "device": ("tpu", "auto, cpu, cuda"), "bf16": (1, "true or false"), "channels_last": (None, "true or false"),
     "compile": ("no", "true or false"), "compile_mode": ("fast", "default, reduce-overhead"),
-    "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), ">= 0"), "checkpoint_every_steps": (0, ">= 1"),
-    "eval_batch_size": (0, ">= 1"), "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
+    "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
+    "checkpoint_every_steps": (0, ">= 1"), "eval_batch_size": (0, ">= 1"),
+    "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
 }
 
 
@@ -275,6 +278,10 @@ def test_the_sgdr_learning_rate_cannot_loop_forever(t0, mult):
     (["--label-smoothing", "5"], "--label-smoothing must be a number in [0, 1], not 5.0"),
     (["--seed", "-1"], "--seed must be an integer in 0..9223372036854775807, not -1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be an integer >= 1, not 0"),
+    (["--batch-size", str(10**30)], f"--batch-size must be an integer >= 1 and at most 2147483647, not {10**30}"),
+    (["--lr", "1e308"], "--lr must be a number in (0, 1e+38], not 1e+308"),
+    (["--milestones", "5", "3"], "--milestones must be increasing epochs, each in 1..2147483647, not (5, 3)"),
+    (["--width", "60000"], "--depth 6 --width 60000: WRN-6-60000 has "),
     (["--size", "16"], "--size 16: the data "),
 ])
 def test_bad_values_on_the_command_line_are_one_line_and_create_nothing(learnable, tmp_path, capsys, flags,
@@ -286,6 +293,38 @@ def test_bad_values_on_the_command_line_are_one_line_and_create_nothing(learnabl
                *flags])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith(f"dsimagenet train: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_values_beyond_what_numpy_and_the_optimizer_hold_are_refused():
+    """Before, each of these made a TrainConfig, created the run directory and ended in a traceback (int64
+    overflow in the loader, a float32 overflow in SGD, gamma ** k overflowing a float) or trained on a typo."""
+    from dsimagenet.errors import ConfigError
+
+    for field, value in [("batch_size", 10**30), ("eval_batch_size", 2**31), ("epochs", 10**30), ("lr", 1e308),
+                         ("weight_decay", 1e39), ("gamma", 1e308), ("log_every", 10**23), ("width", 1e308),
+                         ("milestones", (5, 3)), ("milestones", (3, 3)), ("checkpoint_minutes", 1e308)]:
+        with pytest.raises(ConfigError, match=f"^--{field.replace('_', '-')} must be "):
+            TrainConfig(data="x", out="y", **{field: value})
+    with pytest.raises(ConfigError, match=r"--lr 1 times --gamma 1e\+30 after each of the 2 --milestones exceeds"):
+        TrainConfig(data="x", out="y", lr=1, gamma=1e30, milestones=(1, 2))
+    # the largest values are still taken, and the schedule stays within them
+    c = TrainConfig(data="x", out="y", lr=1e38, gamma=1.0, batch_size=2**31 - 1, epochs=2**31 - 1,
+                    milestones=(5, 2**31 - 1), weight_decay=1e38)
+    assert learning_rate(c, 2**31 - 2, 0, 10) == 1e38
+
+
+@pytest.mark.parametrize("depth, width", [(6, 60000.0), (10**9, 1.0)])
+def test_a_model_beyond_the_machine_is_refused_before_it_is_built(learnable, tmp_path, depth, width):
+    """Before: width 60000 failed deep in torch's allocator (RuntimeError) after the run directory was made;
+    depth 10**9 spent hours building blocks."""
+    from dsimagenet.errors import ConfigError
+
+    out = tmp_path / "run"
+    c = TrainConfig(data=str(learnable), out=str(out), **{**FAST, "depth": depth, "width": width})
+    with pytest.raises(ConfigError, match=rf"^--depth {depth} --width {width:g}: WRN-{depth}-{width:g} has "
+                                          r"[\d,]+ parameters; .* needs at least [\d,.]+ GiB, more than"):
+        train(c)
     assert not out.exists()
 
 
