@@ -385,3 +385,20 @@ def test_round_trips_through_our_writers_are_byte_identical(tiny, tmp_path):
     assert {k: v for k, v in p1.items() if k != "manifest.json"} == {
         k: v for k, v in p2.items() if k != "manifest.json" and not k.endswith(".npz")}
     same(tiny.official(), tmp_path / "p2")
+
+
+def test_train_batches_with_different_means_are_refused_by_every_reader(tiny, tmp_path, capsys):
+    """The mean is one image for the whole training set: batches that disagree come from different builds."""
+    src = tiny.official("pickle")
+    with open(src / "train_data_batch_2", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    batch["mean"] = batch["mean"] + 1.0
+    with open(src / "train_data_batch_2", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(FormatError, match=r"train_data_batch_2: its 'mean' differs from .*train_data_batch_1"):
+        open_dataset(src, "train")
+    with pytest.raises(FormatError, match=r"train_data_batch_2: its 'mean' differs"):
+        convert(src, tmp_path / "nat", ["native"])
+    assert not (tmp_path / "nat").exists()
+    assert main(["info", str(src), "--verify"]) == 1
+    assert "train_data_batch_2: its 'mean' differs" in capsys.readouterr().err
