@@ -49,85 +49,38 @@ def _info(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-TRAIN_HELP = {
-    "train": "ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, or the Kaggle root",
-    "val": "ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root",
-    "folder": "any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>",
-    "devkit": "ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv (default: bundled val labels)",
-    "methods": "box (the paper), lanczos, bilinear, bicubic, hamming, nearest",
-    "formats": "pickle (official), npz, native",
-    "aspect": "squash (the paper) or center-crop",
-    "fast": "reduced-scale JPEG decoding: faster, close to but not the exact pixels",
-    "exif-transpose": "apply EXIF orientation (the paper ignores it)",
-    "workers": "processes (default: all cores)",
-    "skip-bad": "skip unreadable images, list them in the manifest",
-    "allow-partial": "build an incomplete ILSVRC-2012 with a warning instead of an error",
-    "verify": "check the official archives' MD5s first",
-    "max-image-pixels": "decompression-bomb limit in pixels (default: Pillow's)",
-    "data": "dataset: native folder, official pickles/npz, or their zips",
-    "out": "run directory (created)",
-    "size": "image size; default the data's (must match it)",
-    "depth": "WRN depth; default 20/28/36 for 16/32/64 px",
-    "width": "WRN width k (may be fractional, e.g. 0.5)",
-    "schedule": "step (the paper), cosine, or sgdr (warm restarts)",
-    "milestones": "epochs after which the step schedule multiplies lr by --gamma",
-    "weight-decay": "the paper's coefficient of sum(w^2) on conv and linear weights (gradient 2*wd*w)",
-    "augment": "paper: every image and its mirror each epoch, 4 px shifts; flip: random mirror + shifts",
-    "classes": "train on the first N classes in devkit order (120: NAS-Bench-201's ImageNet16-120)",
-    "device": "auto, cpu or cuda",
-    "bf16": "bf16 autocast on CUDA",
-    "channels-last": "channels_last memory format on CUDA",
-    "compile": "torch.compile the model",
-    "compile-mode": "torch.compile mode; reduce-overhead uses CUDA graphs (pays off for small models)",
-    "log-every": "print (and read the loss from the device) every N steps",
-    "checkpoint-minutes": "also checkpoint inside an epoch every this many minutes",
-    "checkpoint-every-steps": "also checkpoint every N steps",
-    "report-epoch": "the epoch whose errors result.json also reports (the paper's 31)",
-    "trials": "finished trials the study should hold (all workers together)",
-    "min-epochs": "Hyperband's smallest budget in epochs",
-    "max-epochs": "epochs of a full trial",
-    "sizes": "output sizes S (S x S); for tune: resolutions to search (--data needs {size})",
-    "storage": "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:PATH",
-    "widths": "widths k to choose from",
-}
-
-
-CHOICES = {"schedule": ["step", "cosine", "sgdr"], "augment": ["paper", "flip", "none"],
-           "normalize": ["mean", "meanstd"], "order": ["devkit", "sorted"], "device": ["auto", "cpu", "cuda"],
-           "compile_mode": ["default", "reduce-overhead", "max-autotune"], "aspect": ["squash", "center-crop"]}
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), only_given: bool = False) -> None:
-    """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), typed from its annotation.
-    ``only_given``: flags not on the command line stay out of the namespace (a sweep's base)."""
+    """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), its type, choices and help
+    from the field's declaration (dsimagenet.fields). ``only_given``: flags not on the command line stay out of
+    the namespace (a sweep's base)."""
     import dataclasses
     import typing
 
-    from dsimagenet.recipe import field_types
+    from dsimagenet.fields import choices, field_types, flag, help_text
 
-    types_ = field_types(cls)
+    types_, choices_, help_ = field_types(cls), choices(cls), help_text(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         base = types_[f.name]
-        kwargs: dict = {"help": TRAIN_HELP.get(flag[2:], "")}
+        kwargs: dict = {"help": help_[f.name]}
         if only_given:
             kwargs["default"] = argparse.SUPPRESS
         elif f.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
-            kwargs["help"] += f" (default: {f.default})" if kwargs["help"] else f"default: {f.default}"
+            if "default" not in kwargs["help"]:  # a help that says its default says it better
+                kwargs["help"] += f" (default: {f.default})"
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
             kwargs.update(type=typing.get_args(base)[0], nargs="*")
         else:
             kwargs["type"] = base
-            if f.name in CHOICES:
-                kwargs["choices"] = CHOICES[f.name]
-        parser.add_argument(flag, **kwargs)
+            if f.name in choices_:
+                kwargs["choices"] = choices_[f.name]
+        parser.add_argument(flag(f.name), **kwargs)
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -125,3 +125,106 @@ def test_an_error_of_ours_is_one_line_and_anything_else_keeps_its_traceback(monk
     monkeypatch.setattr(cli, "_classes", raising(KeyError("splits")))  # a bug of ours: never a bare "'splits'"
     with pytest.raises(KeyError):
         main(["classes"])
+
+
+# --- every flag from its field's declaration (dsimagenet.fields) ----------------------------------------------
+
+def _configs():
+    from dsimagenet.build import BuildConfig
+    from dsimagenet.recipe import TrainConfig
+    from dsimagenet.tune import TuneConfig
+
+    return TrainConfig, BuildConfig, TuneConfig
+
+
+def test_every_field_declares_its_help_its_role_and_its_values():
+    import dataclasses
+
+    from dsimagenet.fields import OPTION, RECIPE, rules
+
+    for cls in _configs():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("role") in (RECIPE, OPTION), f"{cls.__name__}.{f.name}: recipe or option?"
+            assert isinstance(f.metadata.get("help"), str) and len(f.metadata["help"]) > 5, f"{cls.__name__}.{f.name}"
+        assert sorted(rules(cls)) == sorted(f.name for f in dataclasses.fields(cls))
+
+
+def test_a_field_declared_without_its_role_or_help_is_refused():
+    """Forgetting the mark cannot silently make a field part of what a resume compares (or not)."""
+    import dataclasses
+
+    import pytest
+
+    from dsimagenet.fields import operational, option, recipe, rules
+
+    unmarked = dataclasses.make_dataclass("Unmarked", [("lr", float, recipe(0.1, help="the learning rate")),
+                                                       ("log_every", int, 100)])
+    with pytest.raises(TypeError, match="Unmarked: declare log_every with"):
+        operational(unmarked)
+    no_help = dataclasses.make_dataclass("NoHelp", [("quiet", bool, option(False, help=""))])
+    with pytest.raises(TypeError, match="NoHelp: declare quiet with"):
+        rules(no_help)
+    no_check = dataclasses.make_dataclass("NoCheck", [("lr", float, recipe(0.1, help="the learning rate"))])
+    with pytest.raises(TypeError, match="NoCheck.lr: give its check"):
+        rules(no_check)
+    marked = dataclasses.make_dataclass("Marked", [("lr", float, recipe(0.1, help="lr", check=(bool, "x"))),
+                                                   ("quiet", bool, option(False, help="say nothing"))])
+    assert operational(marked) == {"quiet"}
+
+
+def test_what_a_resume_may_change_is_the_options():
+    from dsimagenet.fields import operational
+    from dsimagenet.recipe import OPERATIONAL
+
+    train, build, tune = _configs()
+    # the hand-kept sets these replace (recipe.OPERATIONAL, build._plan_digest's), written out
+    assert OPERATIONAL == operational(train) == {
+        "out", "data", "log_every", "checkpoint_minutes", "checkpoint_every_steps", "compile", "compile_mode",
+        "quiet", "eval_batch_size"}
+    assert operational(build) == {"workers", "quiet", "verify", "chunk_rows", "out", "skip_bad", "allow_partial"}
+    assert operational(tune) == {"out", "trials", "storage", "study", "workers"}
+
+
+def test_flags_take_their_type_choices_and_help_from_the_fields():
+    import argparse
+    import dataclasses
+
+    from dsimagenet.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, cls in zip(("train", "build", "tune"), _configs(), strict=True):
+        actions = {a.dest: a for a in subs[command]._actions}
+        for f in dataclasses.fields(cls):
+            if f.name == "base":  # tune's base is the train flags themselves
+                continue
+            assert actions[f.name].help.startswith(f.metadata["help"]), (command, f.name)
+    train = {a.dest: a for a in subs["train"]._actions}
+    assert list(train["schedule"].choices) == ["step", "cosine", "sgdr"]
+    assert list(train["compile_mode"].choices) == ["default", "reduce-overhead", "max-autotune"]
+    assert train["lr"].type is float and train["epochs"].type is int and train["milestones"].nargs == "*"
+    assert list({a.dest: a for a in subs["build"]._actions}["aspect"].choices) == ["squash", "center-crop"]
+
+
+def test_a_choice_not_declared_is_refused_by_the_parser(tmp_path, capsys):
+    import pytest
+
+    for argv in (["train", "--data", "d", "--out", str(tmp_path / "o"), "--schedule", "linear"],
+                 ["build", "--train", "t", "--out", str(tmp_path / "o"), "--aspect", "pad"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_errors_from_the_declared_ranges(tmp_path):
+    import pytest
+
+    from dsimagenet.errors import ConfigError
+
+    train, build, _ = _configs()
+    with pytest.raises(ConfigError, match=r"^--checkpoint-minutes must be a number in \[0, 1e\+09\], not -1$"):
+        train(data="d", out="o", checkpoint_minutes=-1)
+    with pytest.raises(ConfigError, match=r"^--fast must be true or false, not 1$"):
+        build(out=str(tmp_path / "o"), train="t", fast=1)
+    assert not (tmp_path / "o").exists()
