@@ -13,6 +13,7 @@ Native datasets open as memory maps in milliseconds; the official files are unpi
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsimagenet import labels as labels_mod
-from dsimagenet.errors import ConfigError
+from dsimagenet.errors import ConfigError, FormatError
 from dsimagenet.formats import native, official
 from dsimagenet.labels import IMAGENET, ClassTable
 
@@ -300,3 +301,33 @@ def open_dataset(path: str | Path, split: str = "train", order: str = "devkit",
                  format: str | None = None) -> ImageNetDS:
     """Open a dataset of any supported format; see ``ImageNetDS``."""
     return ImageNetDS(path, split, order, classes, max_per_class, format=format)
+
+
+def fingerprint(path: str | Path) -> str:
+    """A sha256 hex digest that identifies the data at ``path`` (what a run records and a resume compares).
+
+    Native data: its meta.json (splits, checksums, mean), after ``native.verify`` has re-hashed every array
+    against it, a full read of the data at every call (training start, resume, each sweep decision): an image
+    changed in place after the build would otherwise train, and resume, unnoticed; training reads all of the
+    data anyway. Raises FormatError when an array differs from its meta.json. Official files: each file's
+    name, size, first and last MiB (not a full hash)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if native.is_native(path):
+        meta = native.read_meta(path)
+        problems = native.verify(path)
+        if problems:
+            raise FormatError(f"{path}: the data differs from its meta.json ({'; '.join(problems[:3])}"
+                              f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
+        h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
+        return h.hexdigest()
+    files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
+                    for m in official.find_members(path)})
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()

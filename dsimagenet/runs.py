@@ -1,6 +1,7 @@
 """A run directory holds everything needed to reproduce and report one training run.
 
-    RUN/config.json       the TrainConfig, package versions, git commit, dataset fingerprint
+    RUN/config.json       the format version, the TrainConfig, package versions, git commit, dataset
+                          fingerprint, and what the data decided (image size, depth, classes, method)
     RUN/metrics.jsonl     one JSON line per epoch: lr, train loss/error, val loss, top-1/top-5 error, seconds
     RUN/per_class.csv     final per-class top-1/top-5 accuracy on val
     RUN/result.json       "status": "finished" with the final and epoch-31 errors (percent), params, epochs, train
@@ -10,7 +11,8 @@
                           process ends, however it ends
 
     >>> runs = load_runs(["sweep/"])          # every finished run under these folders
-    >>> runs[0].result["top1_error"], runs[0].config["lr"]
+    >>> runs[0].result["top1_error"], runs[0].train_config.lr
+    >>> runs[0].model()                        # the trained WideResNet, from its checkpoint
     >>> [r.path for r in load_runs(["sweep/"], finished_only=False) if r.diverged]
 """
 
@@ -21,7 +23,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,11 +30,15 @@ from pathlib import Path
 
 from dsimagenet.errors import DSImageNetError
 from dsimagenet.formats.atomic import atomic_write
+from dsimagenet.versions import versions  # noqa: F401
 
 CONFIG, METRICS, RESULT, PER_CLASS, CHECKPOINT = "config.json", "metrics.jsonl", "result.json", "per_class.csv", \
     "checkpoint.pt"
 LOCK = ".run.lock"
 STATUSES = ("finished", "diverged", "unfinished")
+# The layout of a run directory, stored in config.json as "format" and checked on read: raise it when a file
+# changes meaning, so that an older dsimagenet refuses a run it would misread.
+FORMAT = 1
 
 
 class RunError(DSImageNetError, ValueError):
@@ -66,21 +71,6 @@ def check_result(run: Path, result: dict, metrics: list[dict], epochs: int) -> N
     if problems:
         raise RunError(f"{run / RESULT}: not this run's result: {'; '.join(problems)}; remove it and --resume to "
                        "derive it again from the checkpoint")
-
-
-def versions(with_torch: bool = True) -> dict:
-    import numpy
-    import PIL
-
-    from dsimagenet import __version__
-
-    out = {"dsimagenet": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-           "pillow": PIL.__version__}
-    if with_torch:  # importing torch takes seconds: the builder does without
-        import torch
-
-        out.update(torch=torch.__version__, cuda=torch.version.cuda)
-    return out
 
 
 def git_commit() -> str | None:
@@ -217,8 +207,36 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+def exists(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory: it has a config.json (written first, when the run starts)."""
+    return (Path(path) / CONFIG).exists()
+
+
+def config_record(config, **facts) -> dict:
+    """What config.json holds, versioned: the format, the TrainConfig, the versions of what ran it, the git
+    commit, and ``facts`` (dataset fingerprint, device, depth, image size, ...). Written by the trainer."""
+    import dataclasses
+
+    return {"format": FORMAT, "config": dataclasses.asdict(config), "versions": versions(),
+            "git_commit": git_commit(), **facts}
+
+
+def check_format(path: Path, stored: dict) -> None:
+    """RunError unless config.json at ``path`` is of a format this dsimagenet reads (one without "format" is
+    from before it was written: format 1)."""
+    fmt = stored.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise RunError(f"{path / CONFIG}: format is {fmt!r}, not a format number")
+    if fmt > FORMAT:
+        raise RunError(f"{path / CONFIG}: a run directory of format {fmt}, made by a newer dsimagenet (this one "
+                       f"reads formats up to {FORMAT}): upgrade dsimagenet to read it")
+
+
 @dataclass
 class Run:
+    """One run directory as read: ``config`` is config.json as stored (see ``train_config`` for the typed
+    TrainConfig), ``result`` result.json (None until the run ends), ``metrics`` the epoch lines."""
+
     path: Path
     config: dict
     result: dict | None
@@ -246,29 +264,122 @@ class Run:
     def diverged(self) -> bool:
         return self.status == "diverged"
 
+    @property
+    def train_config(self):
+        """The run's TrainConfig (fields added since the run was made take their defaults); RunError naming
+        config.json if what it stores is not one."""
+        import dataclasses
+
+        from dsimagenet.recipe import TrainConfig
+
+        stored = self.config.get("config")
+        if not isinstance(stored, dict):
+            raise RunError(f"{self.path / CONFIG}: lacks its 'config' (the TrainConfig)")
+        unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise RunError(f"{self.path / CONFIG}: config holds fields this dsimagenet does not know: {unknown}")
+        try:
+            return TrainConfig(**stored)
+        except (DSImageNetError, TypeError) as e:  # TypeError: a required field missing
+            raise RunError(f"{self.path / CONFIG}: config is not a valid TrainConfig ({e})") from None
+
+    def _fact(self, name: str) -> int:
+        v = self.config.get(name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise RunError(f"{self.path / CONFIG}: {name} is {v!r}, not an integer")
+        return v
+
+    @property
+    def image_size(self) -> int:
+        return self._fact("image_size")
+
+    @property
+    def depth(self) -> int:
+        return self._fact("depth")
+
+    @property
+    def num_classes(self) -> int:
+        return self._fact("num_classes")
+
+    @property
+    def method(self) -> str | None:
+        """The resize method of the run's data (native data records it), or None."""
+        return self.config.get("method")
+
+    def errors_at(self, epoch: int) -> tuple[float | None, float | None]:
+        """(top-1, top-5) error in percent after ``epoch`` as result.json records it (only the run's
+        ``report_epoch`` is), or (None, None)."""
+        res = self.result or {}
+        return res.get(f"top1_error_ep{epoch}"), res.get(f"top5_error_ep{epoch}")
+
+    def model(self):
+        """The trained WideResNet in eval mode, on the CPU: built with the stored depth, width, classes and image
+        size, holding the checkpoint's weights. RunError naming the file if there is none or it does not fit."""
+        from dsimagenet.model import WideResNet
+
+        c = self.train_config
+        net = WideResNet(self.depth, c.width, self.num_classes, self.image_size, dropout=c.dropout)
+        path = self.path / CHECKPOINT
+        state = load_checkpoint(path)
+        if not isinstance(state.get("model"), dict):
+            raise RunError(f"{path}: holds no model weights")
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as e:  # torch's error for missing, unexpected or misshapen tensors
+            raise RunError(f"{path}: does not fit the run's WRN-{self.depth}-{c.width:g} "
+                           f"({str(e).splitlines()[0]})") from None
+        return net.eval()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state on the CPU (``weights_only``: a checkpoint never runs code); RunError naming the file
+    if it is missing, damaged or not a checkpoint."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    check_regular(path)
+    if not path.exists():
+        raise RunError(f"{path}: no checkpoint: the run has not saved one")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise RunError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{path}: not a checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    if not (path / CONFIG).exists():
+    if not exists(path):
         raise FileNotFoundError(f"{path}: no {CONFIG}: not a run directory")
     config = read_json(path / CONFIG)
+    check_format(path, config)
     result_path = path / RESULT
     result = read_json(result_path) if result_path.exists() else None
     return Run(path, config, result, read_metrics(path))
 
 
-def load_runs(paths, finished_only: bool = True) -> list[Run]:
-    """Runs at ``paths`` (run directories, or folders searched for them), sorted by path: the finished ones, or
-    with ``finished_only=False`` all (see ``Run.status``)."""
+def find_runs(paths) -> list[Path]:
+    """The run directories at ``paths`` (run directories, or folders searched for them), sorted;
+    FileNotFoundError for a path that is neither."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     found: set[Path] = set()
     for p in map(Path, paths):
-        if (p / CONFIG).exists():
+        if exists(p):
             found.add(p)
         elif p.is_dir():
             found.update(c.parent for c in p.rglob(CONFIG))
         else:
             raise FileNotFoundError(f"{p}: no such run directory")
-    runs = [load_run(p) for p in sorted(found)]
+    return sorted(found)
+
+
+def load_runs(paths, finished_only: bool = True) -> list[Run]:
+    """Runs at ``paths`` (run directories, or folders searched for them), sorted by path: the finished ones, or
+    with ``finished_only=False`` all (see ``Run.status``)."""
+    runs = [load_run(p) for p in find_runs(paths)]
     return [r for r in runs if r.finished or not finished_only]

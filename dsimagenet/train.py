@@ -6,9 +6,11 @@
 
 Paper defaults: SGD with momentum 0.9, batch 128, lr 0.01 times 0.2 after epochs 10, 20 and 30, 40 epochs, the
 penalty 5e-4 * sum(w^2) on conv and linear weights only, mean-image subtraction, every image and its mirror
-each epoch with 4-pixel shifts. The loop below is the whole training; the learning rate is a pure function of
-(epoch, step). On CUDA: bf16 autocast, channels_last, the uint8 data resident on the GPU, no host
-synchronisation inside an epoch except every ``log_every`` steps; optional ``torch.compile``.
+each epoch with 4-pixel shifts. ``train`` below is the whole loop: ``build`` the parts, ``open_run`` (new or
+resumed), then per epoch ``train_epoch``, ``evaluate``, ``record_epoch``; ``finish`` writes the result from what
+is on disk. The learning rate is a pure function of (epoch, step). On CUDA: bf16 autocast, channels_last, the
+uint8 data resident on the GPU, no host synchronisation inside an epoch except every ``log_every`` steps;
+optional ``torch.compile``.
 
 Before anything is written, every value is checked (``TrainConfig`` itself; then ``check_environment``: the
 device, the data against the batch and the processes). One process holds a run directory at a time (an flock
@@ -21,123 +23,588 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
-from dsimagenet import runs
+from dsimagenet import distributed, runs
 from dsimagenet.data import Loader
 from dsimagenet.dataset import ImageNetDS
-from dsimagenet.errors import ConfigError, Diverged, FormatError
-from dsimagenet.formats import native, official
+from dsimagenet.dataset import fingerprint as dataset_fingerprint  # its name here before it moved: kept
+from dsimagenet.distributed import Dist
+from dsimagenet.errors import ConfigError, Diverged
+from dsimagenet.formats import native
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.model import WideResNet, count_parameters, default_depth, num_stacks, parameter_count
 from dsimagenet.recipe import OPERATIONAL, TrainConfig, learning_rate
 from dsimagenet.runs import RunError
 
-__all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct", "check_environment"]
+__all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct", "check_environment",
+           "check_resume", "extend_run", "LENGTH_FREE_SCHEDULES", "dataset_fingerprint"]
+
+# Schedules whose learning rate at an epoch does not depend on --epochs: a run of them is the first epochs of any
+# longer one, so it can be extended (``extend_run``) and its checkpoint resumed into the longer run.
+LENGTH_FREE_SCHEDULES = ("step", "sgdr")
 
 
-def dataset_fingerprint(path: str | Path) -> str:
-    """Identifies the data a run was trained on: native checksums, or official files' sizes and ends."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if native.is_native(path):
-        meta = native.read_meta(path)
-        # the fingerprint stands for the data only while the arrays are what meta.json says they are: an image
-        # changed in place after the build would otherwise train (and resume) unnoticed; training reads all of
-        # the data anyway, so hashing it costs a read it does first
-        problems = native.verify(path)
-        if problems:
-            raise FormatError(f"{path}: the data differs from its meta.json ({'; '.join(problems[:3])}"
-                              f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
-        h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
-        return h.hexdigest()
-    files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
-                    for m in official.find_members(path)})
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read())
-    return h.hexdigest()
+def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
+    """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
+
+    ``on_epoch(line)`` is called with each epoch's metrics line after it is written (and its checkpoint saved);
+    an exception it raises stops the run there (``dsimagenet tune`` prunes trials so). The run directory is held
+    by this process (rank 0) throughout. A non-finite loss stops the run with ``Diverged``, after writing a
+    result.json with "status": "diverged"; a run already finished returns its result; one whose last checkpoint
+    is at its end gets its result from that checkpoint and metrics.jsonl."""
+    c = config  # its values were checked when it was made (recipe.validate)
+    device, train_ds, val_ds = check_environment(c, int(os.environ.get("WORLD_SIZE", "1")),
+                                                 int(os.environ.get("LOCAL_RANK", "0")))
+    d = distributed.setup(device)
+    p = build(c, d, _torch_device(device, d), train_ds, val_ds, dataset_fingerprint(c.data))
+    with open_run(p, resume) as at, _stop_signals() as stop:
+        if isinstance(at, dict):  # finished (or diverged) before: its result
+            return at
+        ev = None
+        for epoch in range(at.start_epoch, c.epochs):
+            sums = train_epoch(p, at, epoch, stop)
+            ev = evaluate(p.net, p.val_loader, p.num_classes, p.amp, d)
+            line = record_epoch(p, at, epoch, sums, ev)
+            if epoch + 1 < c.epochs and _stopping(p, stop):  # after the last epoch: the result is a moment away
+                _interrupted(p, stop, epoch + 1, 0)
+            if on_epoch is not None and d.main:
+                on_epoch(line)
+        return finish(p, at, ev)
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the global batch of all ranks (sums all-reduced with autograd), so that K processes
-    compute what one process with the whole batch would; works with gloo (CPU) and NCCL."""
+# --- the parts a run trains with
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as dnn
+@dataclass(frozen=True)
+class Parts:
+    """What a run trains with, made once before its loop (a resumed checkpoint is loaded into them)."""
 
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
-            return super().forward(x)
-        xf = x.float()
-        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
-        stats = dnn.all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c:2 * c] / n - mean * mean
-        with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-            self.num_batches_tracked.add_(1)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        return (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
-
-
-def _use_global_bn(module: nn.Module) -> nn.Module:
-    """Make every BatchNorm2d a GlobalBatchNorm2d in place: the same parameters and buffers, so an optimizer
-    made before still holds them."""
-    for m in module.modules():
-        if type(m) is nn.BatchNorm2d:
-            m.__class__ = GlobalBatchNorm2d
-    return module
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+    config: TrainConfig
+    dist: Dist
+    device: torch.device
+    fingerprint: str  # of the data (``dataset.fingerprint``): stored in config.json and in every checkpoint
+    loader: Loader
+    steps: int  # of an epoch: len(loader)
+    val_loader: Loader
+    val_ds: ImageNetDS  # its classes head per_class.csv
+    model: WideResNet  # the weights a checkpoint holds
+    opt: torch.optim.Optimizer
+    net: nn.Module  # the model as the loop runs it: in DDP with several processes, compiled with --compile
+    forward: Callable  # (x, y) -> (loss, [loss * n, correct, n]) of a training batch
+    opt_step: Callable  # opt.step, compiled with --compile
+    amp: bool  # bf16 autocast
+    params: int
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def run(self) -> Path:
+        return Path(self.config.out)
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
 
 
-def _setup_distributed(device: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
+def _torch_device(device: str, d: Dist) -> torch.device:
+    dev = torch.device(f"cuda:{d.local_rank}" if device == "cuda" else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+    return dev
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
+def build(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_ds: ImageNetDS,
+          fingerprint: str) -> Parts:
+    """The loaders, the model (seeded by --seed) and its optimizer, and the networks the loop runs."""
+    channels_last = c.channels_last and dev.type == "cuda"
+    # with several ranks the last partial batch is dropped: an empty share would break BatchNorm
+    loader = Loader(train_ds, c.batch_size, dev, c.augment, shuffle=True, seed=c.seed, normalize=c.normalize,
+                    channels_last=channels_last, rank=d.rank, world_size=d.world, drop_last=d.world > 1)
+    val_loader = Loader(val_ds, c.eval_batch_size * d.world, dev, "none", shuffle=False, stats=loader.stats,
+                        channels_last=channels_last, rank=d.rank, world_size=d.world)
+    torch.manual_seed(c.seed)
+    size = train_ds.image_size
+    model = WideResNet(c.depth or default_depth(size), c.width, len(train_ds.wnids), size, c.dropout).to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel
+    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile)
+    params = count_parameters(model)
+    amp = dev.type == "cuda" and c.bf16
+    net, forward, opt_step = _networks(c, d, dev, model, opt, amp)
+    return Parts(c, d, dev, fingerprint, loader, len(loader), val_loader, val_ds, model, opt, net, forward, opt_step,
+                 amp, params)
+
+
+def _networks(c: TrainConfig, d: Dist, dev: torch.device, model: WideResNet, opt: torch.optim.Optimizer,
+              amp: bool) -> tuple[nn.Module, Callable, Callable]:
+    """(the network to evaluate, the training forward, the optimizer step): the model, in DDP with global
+    BatchNorm with several processes; with --compile, each compiled."""
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(distributed.use_global_bn(model),
+                                                  device_ids=[dev] if dev.type == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+    if not c.compile:
+        return net, _make_forward(net, criterion, dev.type, amp), opt.step
+    # static shapes: a handful of batch sizes (train, its last partial batch, eval) each get their own graph,
+    # which CUDA graphs need anyway; dynamic shapes would make every graph slower
+    mode = None if c.compile_mode == "default" else c.compile_mode
+    compiled = torch.compile(net, mode=mode, dynamic=False)
+    if d.world == 1:  # the loss and the running sums join the network's graph (one launch with CUDA graphs)
+        forward = torch.compile(_make_forward(net, criterion, dev.type, amp), mode=mode, dynamic=False)
+    else:
+        forward = _make_forward(compiled, criterion, dev.type, amp)
+    return compiled, forward, torch.compile(opt.step)
+
+
+def _make_forward(net: nn.Module, criterion: nn.Module, device_type: str, amp: bool) -> Callable:
+    def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, and (loss * n, correct, n) to add to the epoch's running sums: one graph when compiled."""
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+            loss = criterion(out, y)
+        n = torch.full((), y.shape[0], dtype=torch.float32, device=y.device)
+        return loss, torch.stack([loss.detach().float() * n, (out.argmax(1) == y).sum().float(), n])
+
+    return forward
+
+
+# --- the run directory: new, resumed, extended
+
+@dataclass
+class Progress:
+    """Where the run is: with the weights and the optimizer, what a checkpoint keeps. The run began, in this
+    process, at (``start_epoch``, ``start_step``): (0, 0) for a new run."""
+
+    start_epoch: int
+    start_step: int
+    sums: torch.Tensor  # this epoch's (loss * n, correct, n) so far, on the device: never read inside a step
+    train_seconds: float  # up to ``since``
+    images_seen: int
+    since: float = field(default_factory=time.perf_counter)  # when the time not yet in train_seconds began
+    last_checkpoint: float = field(default_factory=time.monotonic)
+    lr: float | None = None  # what the optimizer holds, once this process has set it
+
+
+def _progress(p: Parts, epoch: int = 0, step: int = 0, sums: list[float] | None = None, seconds: float = 0.0,
+              images: int = 0) -> Progress:
+    acc = torch.tensor(sums or [0.0, 0.0, 0.0], dtype=torch.float64, device=p.device)
+    return Progress(epoch, step, acc, seconds, images)
+
+
+@contextlib.contextmanager
+def open_run(p: Parts, resume: bool) -> Iterator[Progress | dict]:
+    """Hold the run directory throughout (rank 0 takes its lock; every rank hears what it found) and open the
+    run in it: a new run (config.json and an empty metrics.jsonl), or with ``resume`` the one there, checked to be
+    this one (``check_resume``); yields where it is, or the result of a run that ended before."""
+    with _hold(p.run, p.dist, p.device) as (is_run, has_result):
+        yield _resume(p, resume, has_result) if is_run else _start(p)
+
+
+def _start(p: Parts) -> Progress:
+    c, run = p.config, p.run
+    if p.dist.main:
+        method = native.read_meta(c.data).get("method") if native.is_native(c.data) else None
+        runs.write_json(run / runs.CONFIG, runs.config_record(
+            c, dataset_fingerprint=p.fingerprint, world_size=p.dist.world, device=str(p.device), params=p.params,
+            depth=p.model.depth, image_size=p.model.image_size, num_classes=p.num_classes, method=method))
+        with runs.naming(run / runs.METRICS):
+            (run / runs.METRICS).touch()
+    return _progress(p)
+
+
+def _resume(p: Parts, resume: bool, has_result: bool) -> Progress | dict:
+    """The run already in the directory: its result if it ended, or where its checkpoint is (the beginning
+    without one); metrics.jsonl is cut back to the checkpoint's epoch."""
+    run = p.run
+    if not resume:
+        raise RunError(f"{run}: already a run directory: pass --resume to continue it, or choose another --out")
+    check_resume(run, p.config, p.fingerprint)
+    if has_result:  # finished (or diverged) before
+        result = runs.read_json(run / runs.RESULT)
+        if result.get("status") == "diverged":
+            raise Diverged(result.get("message") or f"{run}: this run diverged; start a new one with a lower --lr")
+        runs.check_result(run, result, runs.read_metrics(run), p.config.epochs)
+        return result
+    at = _progress(p)
+    if (run / runs.CHECKPOINT).exists():
+        s = _load_checkpoint(run / runs.CHECKPOINT, p.model, p.opt, p.config, p.fingerprint, p.steps, p.device)
+        at = _progress(p, s["epoch"], s["step"], s["acc"], s["train_seconds"], s["images_seen"])
+    if p.dist.main:
+        runs.truncate_metrics(run, at.start_epoch)
+    return at
+
+
+@contextlib.contextmanager
+def _hold(run: Path, d: Dist, dev: torch.device) -> Iterator[tuple[bool, bool]]:
+    """Rank 0 holds the run directory (another process training it is an error) and tells every rank what it
+    found there, before it writes anything: (a run directory already, with its result.json)."""
+    error, state = None, [0, 0, 0]
+    with contextlib.ExitStack() as stack:
+        if d.main:
+            try:
+                stack.enter_context(runs.hold(run))
+                state = [1, int(runs.check_out(run)), int((run / runs.RESULT).exists())]
+            except Exception as e:  # noqa: BLE001 - raised below, after the other ranks have heard of it
+                error = e
+        if d.world > 1:
+            state = d.broadcast(torch.tensor(state, device=dev)).tolist()
+        if error is not None:
+            raise error
+        if not state[0]:
+            raise RunError(f"{run}: rank 0 could not take the run directory (its error says why)")
+        yield bool(state[1]), bool(state[2])
+
+
+def _computed(c: TrainConfig) -> dict:
+    """The fields that decide what a run computes, as JSON values (what config.json and checkpoints store)."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(c))).items() if k not in OPERATIONAL}
+
+
+def _differences(was: dict, now: dict, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    return sorted(k for k in set(was) | set(now) if k not in skip and was.get(k) != now.get(k))
+
+
+def _weights_depend_on(config: dict) -> dict:
+    """Of ``_computed``, what decides the weights up to a checkpoint: the total of epochs only for a schedule
+    that depends on it (not ``LENGTH_FREE_SCHEDULES``: their runs are the same up to any epoch, whatever the
+    total; the checkpoint's epoch is checked against --epochs on its own); the reported epoch never."""
+    skip = {"report_epoch"} | ({"epochs"} if config.get("schedule") in LENGTH_FREE_SCHEDULES else set())
+    return {k: v for k, v in config.items() if k not in skip}
+
+
+def check_resume(run: Path, config: TrainConfig, fingerprint: str) -> None:
+    """RunError unless the run at ``run`` (its config.json) was made on the data of ``fingerprint`` with
+    ``config``, up to the fields that do not change what is computed (``recipe.OPERATIONAL``)."""
+    old = runs.read_json(run / runs.CONFIG)
+    if old.get("dataset_fingerprint") != fingerprint:
+        raise RunError(f"{run}: refusing to resume on different data: the run was trained on "
+                       f"{old.get('config', {}).get('data')} (fingerprint {str(old.get('dataset_fingerprint'))[:12]}"
+                       f"), --data {config.data} is {fingerprint[:12]}")
+    new, was = _computed(config), old.get("config", {})
+    diff = _differences(was, new, OPERATIONAL)
+    if diff:
+        raise RunError(f"{run}: refusing to resume with a different configuration: " +
+                       ", ".join(f"{k} was {was.get(k)!r}, now {new.get(k)!r}" for k in diff))
+
+
+def extend_run(run: Path, config: TrainConfig) -> int:
+    """Make the run at ``run`` a run of ``config.epochs`` epochs, to be trained on with ``train(config,
+    resume=True)``; returns the epochs it had. Only for ``LENGTH_FREE_SCHEDULES``: its epochs so far are then
+    exactly the first epochs of the longer run, and its checkpoint resumes into it as it is. config.json must
+    otherwise match ``config`` (the caller checks the data: ``check_resume`` with the old epochs). Held
+    throughout (no ``train --resume`` of it meanwhile); result.json goes first and config.json last: a kill in
+    between leaves an unfinished run of the old length, which the same call extends again."""
+    run = Path(run)
+    if config.schedule not in LENGTH_FREE_SCHEDULES:
+        raise ConfigError(f"--schedule {config.schedule}: its learning rate depends on --epochs, so a run of it "
+                          f"cannot be extended to more epochs (only a {' or '.join(LENGTH_FREE_SCHEDULES)} schedule)")
+    with runs.hold(run):
+        stored = runs.read_json(run / runs.CONFIG)
+        was = stored.get("config")
+        old = was.get("epochs") if isinstance(was, dict) else None
+        if type(old) is not int:
+            raise RunError(f"{run / runs.CONFIG}: holds no configuration with its epochs")
+        now = _computed(config)
+        diff = _differences(was, now, OPERATIONAL | {"epochs"})
+        if diff:
+            raise RunError(f"{run}: cannot be extended with a different configuration: " +
+                           ", ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in diff))
+        if config.epochs < old:
+            raise ConfigError(f"--epochs {config.epochs}: the run {run} has {old} epochs; a run is extended, never "
+                              "shortened")
+        result = run / runs.RESULT
+        if result.exists() and runs.read_json(result).get("status") == "diverged":
+            raise Diverged(f"{run}: this run diverged in its first {old} epochs: it cannot be extended")
+        result.unlink(missing_ok=True)
+        was["epochs"] = config.epochs
+        stored.setdefault("continued", []).append({"from_epochs": old, "to_epochs": config.epochs})
+        runs.write_json(run / runs.CONFIG, stored)
+    return old
+
+
+def checkpoint(p: Parts, at: Progress, epoch: int, step: int) -> None:
+    """Rank 0 saves the run as it is at (``epoch``, ``step``): weights, optimizer, ``at``, the RNGs. Weights
+    holding a NaN or an infinity are never saved (a step since the last loss check can have broken them): the
+    run is stopped as diverged instead."""
+    if not p.dist.main:
+        return
+    weights = p.model.state_dict()
+    bad = _non_finite(weights)
+    if bad is not None:
+        _diverged(p, epoch if step else epoch - 1, step or p.steps, f"{bad} holds NaN or infinite values")
+    state = {"model": weights, "optimizer": p.opt.state_dict(), "epoch": epoch, "step": step,
+             "acc": [float(v) for v in at.sums.tolist()],
+             "train_seconds": at.train_seconds + (time.perf_counter() - at.since),
+             "images_seen": at.images_seen, "rng_cpu": torch.get_rng_state(), "fingerprint": p.fingerprint,
+             "config": json.dumps(_computed(p.config), sort_keys=True)}
+    if p.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    _save_checkpoint(p.run / runs.CHECKPOINT, state)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with runs.naming(path, "; the previous checkpoint is kept"), atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def _non_finite(named: dict) -> str | None:
+    """The name of the first floating tensor in ``named`` holding a NaN or an infinity, or None."""
+    floats = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()  # one host synchronisation
+    return next((k for (k, _), good in zip(floats, ok, strict=True) if not good), None)
+
+
+def _load_checkpoint(path: Path, model: WideResNet, opt: torch.optim.Optimizer, c: TrainConfig, fingerprint: str,
+                     steps: int, dev: torch.device) -> dict:
+    """The checkpoint's state, loaded into ``model`` and ``opt`` and the RNGs once it is known to be this run's:
+    its data, its configuration, tensors that fit the model, finite values, a place within the run."""
+    fix = "; remove it to restart the run from the beginning"
+    runs.check_regular(path)
+    try:  # weights_only: tensors and plain values only, never code from the file
+        state = torch.load(path, map_location=dev, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
+        raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
+    need = ("model", "optimizer", "epoch", "step", "acc", "train_seconds", "images_seen", "rng_cpu")
+    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+        raise RunError(f"{path}: not a checkpoint of this trainer (no {', '.join(missing) or 'model tensors'}){fix}")
+    if state.get("fingerprint") != fingerprint:
+        raise RunError(f"{path}: belongs to a run on other data (dataset fingerprint "
+                       f"{str(state.get('fingerprint'))[:12]}; this run's --data {c.data} is {fingerprint[:12]}){fix}")
+    if isinstance(state.get("config"), str):  # checkpoints before it was stored are checked by their tensors
+        theirs, ours = _weights_depend_on(json.loads(state["config"])), _weights_depend_on(_computed(c))
+        diff = _differences(theirs, ours)
+        if diff:
+            raise RunError(f"{path}: belongs to another run: " + ", ".join(
+                f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff) + fix)
+    ours, theirs = model.state_dict(), state["model"]
+    problems = ([f"{k} is missing" for k in ours if k not in theirs]
+                + [f"{k} is not in this model" for k in theirs if k not in ours]
+                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
+                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
+    if problems:
+        raise RunError(f"{path}: does not fit this run's model (WRN-{model.depth}-{model.width:g}, "
+                       f"{model.num_classes} classes, {model.image_size} px): {'; '.join(problems[:3])}"
+                       f"{'; ...' if len(problems) > 3 else ''}{fix}")
+    buffers = {f"optimizer state {i} {k}": t for i, s in state["optimizer"].get("state", {}).items()
+               if isinstance(s, dict) for k, t in s.items()}
+    bad = _non_finite({**theirs, **buffers})
+    if bad:
+        raise RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged{fix}")
+    epoch, step, acc = state["epoch"], state["step"], state["acc"]
+    if not (type(epoch) is int and type(step) is int and 0 <= epoch <= c.epochs and 0 <= step < steps
+            and (epoch < c.epochs or step == 0)):
+        raise RunError(f"{path}: at epoch {epoch!r} step {step!r}, outside this run ({c.epochs} epochs of "
+                       f"{steps} steps){fix}")
+    if not (isinstance(acc, list) and len(acc) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in acc)):
+        raise RunError(f"{path}: its running sums {acc!r} are not three finite numbers{fix}")
+    try:
+        model.load_state_dict(theirs)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise RunError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
+    return state
+
+
+# --- an epoch
+
+def train_epoch(p: Parts, at: Progress, epoch: int, stop: list[int]) -> list[float]:
+    """Train ``epoch`` (from ``at.start_step`` in the epoch the run began in); returns its (loss * n, correct, n)
+    summed over the ranks. Between steps ``_after_step`` logs, checkpoints and stops."""
+    c = p.config
+    at.since = time.perf_counter()
+    p.net.train()
+    first = at.start_step if epoch == at.start_epoch else 0
+    for step, (x, y) in enumerate(p.loader.epoch(epoch, first), first):
+        lr = learning_rate(c, epoch, step, p.steps)
+        if lr != at.lr:
+            _set_lr(p.opt, lr, c.compile)
+            at.lr = lr
+        loss, sums = p.forward(x, y)
+        p.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        p.opt_step()
+        # running sums stay on the device: no host synchronisation per step
+        # (a tensor made from a Python number here would be a host-to-device copy, which synchronises)
+        at.sums += sums
+        at.images_seen += len(y) * p.dist.world
+        _after_step(p, at, epoch, step + 1, loss, lr, stop)
+    if p.device.type == "cuda":
+        torch.cuda.synchronize()
+    at.train_seconds += time.perf_counter() - at.since
+    total = p.dist.all_reduce(at.sums.clone()).tolist()
+    if not math.isfinite(total[0]):
+        _diverged(p, epoch, p.steps, f"the training loss is {total[0] / total[2]}")
+    return total
+
+
+def _after_step(p: Parts, at: Progress, epoch: int, done: int, loss: torch.Tensor, lr: float,
+                stop: list[int]) -> None:
+    """After ``done`` steps of ``epoch``: every ``log_every`` steps the loss check and a progress line; a
+    checkpoint when one is due; a stop asked for by a signal (checkpointed here)."""
+    c, d = p.config, p.dist
+    log = done % c.log_every == 0
+    if log:  # the one host synchronisation inside an epoch: a NaN or inf in any step stays in the sum
+        running = d.all_reduce(at.sums[:1].clone()).item() if d.world > 1 else at.sums[0].item()
+        if not math.isfinite(running):
+            _diverged(p, epoch, done, f"the running training loss is {running}")
+    due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (
+        log and time.monotonic() - at.last_checkpoint > 60 * c.checkpoint_minutes)
+    if done < p.steps and (d.world == 1 or log) and _stopping(p, stop):
+        checkpoint(p, at, epoch, done)
+        _interrupted(p, stop, epoch, done)
+    if due and done < p.steps:
+        checkpoint(p, at, epoch, done)
+        at.last_checkpoint = time.monotonic()
+    if log and d.main and not c.quiet:
+        print(f"  epoch {epoch + 1} step {done}/{p.steps} loss {loss.item():.4f} lr {lr:.5g}", flush=True)
+
+
+def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict) -> dict:
+    """After ``epoch`` is trained (``sums``) and evaluated (``ev``): stopped if anything went non-finite; else
+    its metrics line, appended to metrics.jsonl (and printed), and a checkpoint at its end. Returns the line."""
+    c, d = p.config, p.dist
+    if not math.isfinite(ev["val_loss"]):
+        _diverged(p, epoch, p.steps, f"the validation loss is {ev['val_loss']}")
+    bad = _non_finite(p.model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
+    if bad is not None:
+        _diverged(p, epoch, p.steps, f"{bad} holds NaN or infinite values")
+    line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, p.steps), "train_loss": sums[0] / sums[2],
+            "train_error": 100 * (1 - sums[1] / sums[2]), "val_loss": ev["val_loss"],
+            "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "train_seconds": at.train_seconds,
+            "images_per_s": at.images_seen / at.train_seconds}
+    at.sums.zero_()
+    at.since = time.perf_counter()  # checkpoint() adds the time since then to train_seconds
+    if d.main:
+        runs.append_metrics(p.run, line)
+        if not c.quiet:
+            print(f"epoch {epoch + 1}/{c.epochs}  train loss {line['train_loss']:.4f} err "
+                  f"{line['train_error']:.2f}%  val top-1 {line['top1_error']:.2f}% top-5 "
+                  f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s", flush=True)
+    checkpoint(p, at, epoch + 1, 0)
+    at.last_checkpoint = time.monotonic()
+    return line
+
+
+def _diverged(p: Parts, epoch: int, step: int, what: str) -> NoReturn:
+    """Stop the run: it is marked diverged (rank 0) and every rank raises, having seen the same values."""
+    msg = (f"{p.run}: diverged in epoch {epoch + 1} by step {step}/{p.steps}: {what}; the run is stopped and "
+           f"marked diverged; start a new one with a lower --lr (it was {p.config.lr:g})")
+    if p.dist.main:
+        runs.write_json(p.run / runs.RESULT, {"status": "diverged", "epoch": epoch + 1, "step": step, "message": msg})
+    raise Diverged(msg)
+
+
+def _stopping(p: Parts, stop: list[int]) -> bool:
+    """Whether a signal asked to stop: every step with one process (a Python list, no synchronisation);
+    with several, all must stop at the same step, so they agree at the log points and epoch ends."""
+    if p.dist.world == 1:
+        return bool(stop)
+    return p.dist.all_reduce(torch.tensor([float(bool(stop))], device=p.device)).item() > 0
+
+
+def _interrupted(p: Parts, stop: list[int], epoch: int, step: int) -> NoReturn:
+    import signal
+
+    signum = stop[0] if stop else signal.SIGTERM  # another rank got it
+    raise runs.Interrupted(f"{p.run}: stopped by {signal.Signals(signum).name} in epoch {epoch + 1} at step "
+                           f"{step}/{p.steps}; the checkpoint is saved there: --resume to continue", signum)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """While training, SIGINT and SIGTERM ask the loop to stop after the step it is in (the list they go into is
+    read there): it checkpoints that step and raises ``runs.Interrupted``. A second SIGINT interrupts at once, as
+    a KeyboardInterrupt anywhere (the previous checkpoint is kept). Only the main thread can take signals."""
+    import signal
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
+
+
+# --- the result
+
+def finish(p: Parts, at: Progress, ev: dict | None) -> dict:
+    """The run's result, from metrics.jsonl as it is on disk; rank 0 writes it to result.json, and ``ev`` (the
+    last evaluation) to per_class.csv. ``ev`` None: every epoch was done before (the run stopped after its last
+    checkpoint): the checkpoint's weights are evaluated."""
+    c, d = p.config, p.dist
+    if ev is None:
+        if d.main and not c.quiet:
+            print(f"{p.run}: all {c.epochs} epochs were done; the result comes from the checkpoint", flush=True)
+        ev = evaluate(p.net, p.val_loader, p.num_classes, p.amp, d)
+    result = {}
+    if d.main:
+        result = _result(p, at, runs.read_metrics(p.run))
+        _write_per_class(p.run / runs.PER_CLASS, ev["per_class"], p.val_ds)
+        runs.write_json(p.run / runs.RESULT, result)
+    d.barrier()
+    return result
+
+
+def _result(p: Parts, at: Progress, metrics: list[dict]) -> dict:
+    c, final = p.config, metrics[-1]
+    result = {"status": "finished", "top1_error": final["top1_error"], "top5_error": final["top5_error"],
+              "params": p.params, "epochs": c.epochs, "depth": p.model.depth, "width": c.width,
+              "image_size": p.model.image_size, "train_seconds": at.train_seconds,
+              "train_images_per_s": at.images_seen / at.train_seconds, "device": str(p.device),
+              "world_size": p.dist.world}
+    at_report = [m for m in metrics if m["epoch"] == c.report_epoch]
+    if at_report:
+        result[f"top1_error_ep{c.report_epoch}"] = at_report[0]["top1_error"]
+        result[f"top5_error_ep{c.report_epoch}"] = at_report[0]["top5_error"]
+    return result
+
+
+def _write_per_class(path: Path, per_class: np.ndarray, ds: ImageNetDS) -> None:
+    count, c1, ck = per_class
+    with runs.naming(path), atomic_write(path, "w") as f:
+        f.write("index,wnid,name,count,top1_accuracy,top5_accuracy\n")
+        for i, (w, name) in enumerate(zip(ds.wnids, ds.classes, strict=True)):
+            n = count[i]
+            a1 = f"{100 * c1[i] / n:.2f}" if n else ""
+            a5 = f"{100 * ck[i] / n:.2f}" if n else ""
+            f.write(f"{i},{w},\"{name}\",{int(n)},{a1},{a5}\n")
+
+
+# --- the optimizer, the learning rate, evaluation
 
 def make_optimizer(model: WideResNet, c: TrainConfig, fused: bool = False) -> torch.optim.SGD:
     """SGD; the paper's penalty wd * sum(w^2) on conv and linear weights is a gradient of 2 * wd * w.
@@ -191,101 +658,7 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool, d: D
             "per_class": per_class.cpu().numpy()}
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with runs.naming(path, "; the previous checkpoint is kept"), atomic_write(path) as f:
-        torch.save(state, f)
-
-
-def _computed(c: TrainConfig) -> dict:
-    """The fields that decide what a run computes, as JSON values (what config.json and checkpoints store)."""
-    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(c))).items() if k not in OPERATIONAL}
-
-
-def _weights_depend_on(config: dict) -> dict:
-    """Of ``_computed``, what decides the weights up to a checkpoint: the total of epochs only for the cosine
-    schedule (the others are the same up to any epoch, whatever the total); the reported epoch never."""
-    skip = {"report_epoch"} | ({"epochs"} if config.get("schedule") != "cosine" else set())
-    return {k: v for k, v in config.items() if k not in skip}
-
-
-def _check_resume(run: Path, config: TrainConfig, fingerprint: str) -> None:
-    old = runs.read_json(run / runs.CONFIG)
-    if old.get("dataset_fingerprint") != fingerprint:
-        raise RunError(f"{run}: refusing to resume on different data: the run was trained on "
-                       f"{old.get('config', {}).get('data')} (fingerprint {str(old.get('dataset_fingerprint'))[:12]}"
-                       f"), --data {config.data} is {fingerprint[:12]}")
-    new, was = _computed(config), old.get("config", {})
-    diff = sorted(k for k in set(new) | set(was) if k not in OPERATIONAL and new.get(k) != was.get(k))
-    if diff:
-        raise RunError(f"{run}: refusing to resume with a different configuration: " +
-                       ", ".join(f"{k} was {was.get(k)!r}, now {new.get(k)!r}" for k in diff))
-
-
-def _non_finite(named: dict) -> str | None:
-    """The name of the first floating tensor in ``named`` holding a NaN or an infinity, or None."""
-    floats = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
-        return None
-    ok = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()  # one host synchronisation
-    return next((k for (k, _), good in zip(floats, ok, strict=True) if not good), None)
-
-
-def _load_checkpoint(path: Path, model: WideResNet, opt: torch.optim.Optimizer, c: TrainConfig, fingerprint: str,
-                     steps: int, dev: torch.device) -> dict:
-    """The checkpoint's state, loaded into ``model`` and ``opt`` and the RNGs once it is known to be this run's:
-    its data, its configuration, tensors that fit the model, finite values, a place within the run."""
-    fix = "; remove it to restart the run from the beginning"
-    runs.check_regular(path)
-    try:  # weights_only: tensors and plain values only, never code from the file
-        state = torch.load(path, map_location=dev, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
-        raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
-    need = ("model", "optimizer", "epoch", "step", "acc", "train_seconds", "images_seen", "rng_cpu")
-    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
-    if missing or not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
-        raise RunError(f"{path}: not a checkpoint of this trainer (no {', '.join(missing) or 'model tensors'}){fix}")
-    if state.get("fingerprint") != fingerprint:
-        raise RunError(f"{path}: belongs to a run on other data (dataset fingerprint "
-                       f"{str(state.get('fingerprint'))[:12]}; this run's --data {c.data} is {fingerprint[:12]}){fix}")
-    if isinstance(state.get("config"), str):  # checkpoints before it was stored are checked by their tensors
-        theirs, ours = _weights_depend_on(json.loads(state["config"])), _weights_depend_on(_computed(c))
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        if diff:
-            raise RunError(f"{path}: belongs to another run: " + ", ".join(
-                f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff) + fix)
-    ours, theirs = model.state_dict(), state["model"]
-    problems = ([f"{k} is missing" for k in ours if k not in theirs]
-                + [f"{k} is not in this model" for k in theirs if k not in ours]
-                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
-                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
-    if problems:
-        raise RunError(f"{path}: does not fit this run's model (WRN-{model.depth}-{model.width:g}, "
-                       f"{model.num_classes} classes, {model.image_size} px): {'; '.join(problems[:3])}"
-                       f"{'; ...' if len(problems) > 3 else ''}{fix}")
-    buffers = {f"optimizer state {i} {k}": t for i, s in state["optimizer"].get("state", {}).items()
-               if isinstance(s, dict) for k, t in s.items()}
-    bad = _non_finite({**theirs, **buffers})
-    if bad:
-        raise RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged{fix}")
-    epoch, step, acc = state["epoch"], state["step"], state["acc"]
-    if not (type(epoch) is int and type(step) is int and 0 <= epoch <= c.epochs and 0 <= step < steps
-            and (epoch < c.epochs or step == 0)):
-        raise RunError(f"{path}: at epoch {epoch!r} step {step!r}, outside this run ({c.epochs} epochs of "
-                       f"{steps} steps){fix}")
-    if not (isinstance(acc, list) and len(acc) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in acc)):
-        raise RunError(f"{path}: its running sums {acc!r} are not three finite numbers{fix}")
-    try:
-        model.load_state_dict(theirs)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise RunError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
-    return state
-
+# --- what the configuration alone cannot tell
 
 def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tuple[str, ImageNetDS, ImageNetDS]:
     """What the configuration alone cannot tell, checked before anything is written: the device; the data's
@@ -356,304 +729,6 @@ def _check_memory(c: TrainConfig, device: str, local_rank: int, size: int, num_c
         raise ConfigError(f"--depth {depth} --width {c.width:g}: WRN-{depth}-{c.width:g} has {params:,} parameters; "
                           f"training it at a batch of {batch} needs at least {need / 2**30:,.1f} GiB, more than the "
                           f"{have / 2**30:,.1f} GiB of {where}: choose a smaller --depth, --width or --batch-size")
-
-
-@contextlib.contextmanager
-def _hold(run: Path, d: Dist, dev: torch.device) -> Iterator[tuple[bool, bool]]:
-    """Rank 0 holds the run directory (another process training it is an error) and tells every rank what it
-    found there, before it writes anything: (a run directory already, with its result.json)."""
-    error, state = None, [0, 0, 0]
-    with contextlib.ExitStack() as stack:
-        if d.main:
-            try:
-                stack.enter_context(runs.hold(run))
-                state = [1, int(runs.check_out(run)), int((run / runs.RESULT).exists())]
-            except Exception as e:  # noqa: BLE001 - raised below, after the other ranks have heard of it
-                error = e
-        if d.world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor(state, device=dev)
-            dist.broadcast(t, 0)
-            state = t.tolist()
-        if error is not None:
-            raise error
-        if not state[0]:
-            raise RunError(f"{run}: rank 0 could not take the run directory (its error says why)")
-        yield bool(state[1]), bool(state[2])
-
-
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[list[int]]:
-    """While training, SIGINT and SIGTERM ask the loop to stop after the step it is in (the list they go into is
-    read there): it checkpoints that step and raises ``runs.Interrupted``. A second SIGINT interrupts at once, as
-    a KeyboardInterrupt anywhere (the previous checkpoint is kept). Only the main thread can take signals."""
-    import signal
-    import threading
-
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def handler(signum, frame):
-        if got and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        got.append(signum)
-
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in before:
-        signal.signal(s, handler)
-    try:
-        yield got
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: set outside Python
-
-
-def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
-    """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
-
-    ``on_epoch(line)`` is called with each epoch's metrics line after it is written (and its checkpoint saved);
-    an exception it raises stops the run there (``dsimagenet tune`` prunes trials so). The run directory is held
-    by this process (rank 0) throughout. A non-finite loss stops the run with ``Diverged``, after writing a
-    result.json with "status": "diverged"; a run already finished returns its result; one whose last checkpoint
-    is at its end gets its result from that checkpoint and metrics.jsonl."""
-    c = config  # its values were checked when it was made (recipe.validate)
-    device, train_ds, val_ds = check_environment(c, int(os.environ.get("WORLD_SIZE", "1")),
-                                                 int(os.environ.get("LOCAL_RANK", "0")))
-    d = _setup_distributed(device)
-    dev = torch.device(f"cuda:{d.local_rank}" if device == "cuda" else "cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True
-    fingerprint = dataset_fingerprint(c.data)
-    with _hold(Path(c.out), d, dev) as (is_run, has_result), _stop_signals() as stop:
-        return _train(c, d, dev, train_ds, val_ds, fingerprint, is_run, has_result, resume, on_epoch, stop)
-
-
-def _train(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_ds: ImageNetDS, fingerprint: str,
-           is_run: bool, has_result: bool, resume: bool, on_epoch, stop: list[int]) -> dict:
-    amp = dev.type == "cuda" and c.bf16
-    run = Path(c.out)
-    size = train_ds.image_size
-    # with several ranks the last partial batch is dropped: an empty share would break BatchNorm
-    loader = Loader(train_ds, c.batch_size, dev, c.augment, shuffle=True, seed=c.seed, normalize=c.normalize,
-                    channels_last=c.channels_last and dev.type == "cuda", rank=d.rank, world_size=d.world,
-                    drop_last=d.world > 1)
-    val_loader = Loader(val_ds, c.eval_batch_size * d.world, dev, "none", shuffle=False, stats=loader.stats,
-                        channels_last=c.channels_last and dev.type == "cuda", rank=d.rank, world_size=d.world)
-    num_classes = len(train_ds.wnids)
-    steps = len(loader)
-
-    # --- model and optimizer
-    torch.manual_seed(c.seed)
-    depth = c.depth or default_depth(size)
-    model = WideResNet(depth, c.width, num_classes, size, c.dropout).to(dev)
-    if c.channels_last and dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel
-    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile)
-    opt_step = opt.step
-    params = count_parameters(model)
-    net: nn.Module = model
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(_use_global_bn(model), device_ids=[dev] if dev.type == "cuda"
-                                                  else None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-    step_net = net
-
-    def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss, and (loss * n, correct, n) to add to the epoch's running sums: one graph when compiled."""
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = step_net(x)
-            loss = criterion(out, y)
-        n = torch.full((), y.shape[0], dtype=torch.float32, device=y.device)
-        return loss, torch.stack([loss.detach().float() * n, (out.argmax(1) == y).sum().float(), n])
-
-    if c.compile:
-        # static shapes: a handful of batch sizes (train, its last partial batch, eval) each get their own graph,
-        # which CUDA graphs need anyway; dynamic shapes would make every graph slower
-        mode = None if c.compile_mode == "default" else c.compile_mode
-        net = torch.compile(net, mode=mode, dynamic=False)  # for evaluation
-        if d.world == 1:  # the loss and the running sums join the network's graph (one launch with CUDA graphs)
-            forward = torch.compile(forward, mode=mode, dynamic=False)
-        else:
-            step_net = net
-        opt_step = torch.compile(opt.step)
-
-    # --- run directory, or resume
-    start_epoch, start_step, acc, train_seconds, images_seen = 0, 0, [0.0, 0.0, 0.0], 0.0, 0
-    ckpt_path = run / runs.CHECKPOINT
-    if is_run:
-        if not resume:
-            raise RunError(f"{run}: already a run directory: pass --resume to continue it, or choose another --out")
-        _check_resume(run, c, fingerprint)
-        if has_result:  # finished (or diverged) before
-            result = runs.read_json(run / runs.RESULT)
-            if result.get("status") == "diverged":
-                raise Diverged(result.get("message") or f"{run}: this run diverged; start a new one with a lower --lr")
-            runs.check_result(run, result, runs.read_metrics(run), c.epochs)
-            return result
-        if ckpt_path.exists():
-            state = _load_checkpoint(ckpt_path, model, opt, c, fingerprint, steps, dev)
-            start_epoch, start_step = state["epoch"], state["step"]
-            acc, train_seconds, images_seen = state["acc"], state["train_seconds"], state["images_seen"]
-        if d.main:
-            runs.truncate_metrics(run, start_epoch)
-    elif d.main:
-        runs.write_json(run / runs.CONFIG, {"config": dataclasses.asdict(c), "versions": runs.versions(),
-                                            "git_commit": runs.git_commit(), "dataset_fingerprint": fingerprint,
-                                            "world_size": d.world, "device": str(dev), "params": params,
-                                            "depth": depth, "image_size": size, "num_classes": num_classes,
-                                            "method": native.read_meta(c.data).get("method")
-                                            if native.is_native(c.data) else None})
-        with runs.naming(run / runs.METRICS):
-            (run / runs.METRICS).touch()
-
-    def diverged(epoch: int, step: int, what: str) -> None:
-        """Stop the run: it is marked diverged (rank 0) and every rank raises, having seen the same values."""
-        msg = (f"{run}: diverged in epoch {epoch + 1} by step {step}/{steps}: {what}; the run is stopped and "
-               f"marked diverged; start a new one with a lower --lr (it was {c.lr:g})")
-        if d.main:
-            runs.write_json(run / runs.RESULT, {"status": "diverged", "epoch": epoch + 1, "step": step,
-                                                "message": msg})
-        raise Diverged(msg)
-
-    def checkpoint(epoch: int, step: int) -> None:
-        if not d.main:
-            return
-        weights = model.state_dict()
-        bad = _non_finite(weights)  # never saved: a step since the last loss check can have broken them
-        if bad is not None:
-            diverged(epoch if step else epoch - 1, step or steps, f"{bad} holds NaN or infinite values")
-        state = {"model": weights, "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-                 "acc": acc_values(), "train_seconds": train_seconds + (time.perf_counter() - t0),
-                 "images_seen": images_seen, "rng_cpu": torch.get_rng_state(), "fingerprint": fingerprint,
-                 "config": json.dumps(_computed(c), sort_keys=True)}
-        if dev.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        _save_checkpoint(ckpt_path, state)
-
-    def acc_values() -> list[float]:
-        return [float(v) for v in acc_t.tolist()]
-
-    def stopping() -> bool:
-        """Whether a signal asked to stop: every step with one process (a Python list, no synchronisation);
-        with several, all must stop at the same step, so they agree at the log points and epoch ends."""
-        if d.world == 1:
-            return bool(stop)
-        return d.all_reduce(torch.tensor([float(bool(stop))], device=dev)).item() > 0
-
-    def interrupted(epoch: int, step: int) -> None:
-        import signal
-
-        signum = stop[0] if stop else signal.SIGTERM  # another rank got it
-        raise runs.Interrupted(f"{run}: stopped by {signal.Signals(signum).name} in epoch {epoch + 1} at step "
-                               f"{step}/{steps}; the checkpoint is saved there: --resume to continue", signum)
-
-    # --- the loop
-    last_ckpt, last_lr, ev = time.monotonic(), None, None
-    for epoch in range(start_epoch, c.epochs):
-        t0 = time.perf_counter()
-        net.train()
-        acc_t = torch.tensor(acc if epoch == start_epoch else [0.0, 0.0, 0.0], dtype=torch.float64, device=dev)
-        first = start_step if epoch == start_epoch else 0
-        for step, (x, y) in enumerate(loader.epoch(epoch, first), first):
-            lr = learning_rate(c, epoch, step, steps)
-            if lr != last_lr:
-                _set_lr(opt, lr, c.compile)
-                last_lr = lr
-            loss, sums = forward(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_step()
-            # running sums stay on the device: no host synchronisation per step
-            # (a tensor made from a Python number here would be a host-to-device copy, which synchronises)
-            acc_t += sums
-            images_seen += len(y) * d.world
-            done = step + 1
-            log = done % c.log_every == 0
-            if log:  # the one host synchronisation inside an epoch: a NaN or inf in any step stays in the sum
-                running = d.all_reduce(acc_t[:1].clone()).item() if d.world > 1 else acc_t[0].item()
-                if not math.isfinite(running):
-                    diverged(epoch, done, f"the running training loss is {running}")
-            due = (c.checkpoint_every_steps and done % c.checkpoint_every_steps == 0) or (
-                log and time.monotonic() - last_ckpt > 60 * c.checkpoint_minutes)
-            if done < steps and (d.world == 1 or log) and stopping():
-                checkpoint(epoch, done)
-                interrupted(epoch, done)
-            if due and done < steps:
-                checkpoint(epoch, done)
-                last_ckpt = time.monotonic()
-            if log and d.main and not c.quiet:
-                print(f"  epoch {epoch + 1} step {done}/{steps} loss {loss.item():.4f} lr {lr:.5g}", flush=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - t0
-        tr = d.all_reduce(acc_t.clone()).tolist()
-        if not math.isfinite(tr[0]):
-            diverged(epoch, steps, f"the training loss is {tr[0] / tr[2]}")
-        ev = evaluate(net, val_loader, num_classes, amp, d)
-        if not math.isfinite(ev["val_loss"]):
-            diverged(epoch, steps, f"the validation loss is {ev['val_loss']}")
-        bad = _non_finite(model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
-        if bad is not None:
-            diverged(epoch, steps, f"{bad} holds NaN or infinite values")
-        line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, steps), "train_loss": tr[0] / tr[2],
-                "train_error": 100 * (1 - tr[1] / tr[2]), "val_loss": ev["val_loss"],
-                "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "train_seconds": train_seconds,
-                "images_per_s": images_seen / train_seconds}
-        acc_t.zero_()
-        t0 = time.perf_counter()  # checkpoint() adds the time since t0 to train_seconds
-        if d.main:
-            runs.append_metrics(run, line)
-            if not c.quiet:
-                print(f"epoch {epoch + 1}/{c.epochs}  train loss {line['train_loss']:.4f} err "
-                      f"{line['train_error']:.2f}%  val top-1 {line['top1_error']:.2f}% top-5 "
-                      f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s", flush=True)
-        checkpoint(epoch + 1, 0)
-        last_ckpt = time.monotonic()
-        if epoch + 1 < c.epochs and stopping():  # after the last epoch: the result is a moment away
-            interrupted(epoch + 1, 0)
-        if on_epoch is not None and d.main:
-            on_epoch(line)
-
-    # --- result
-    if ev is None:  # every epoch was done before (stopped after its last checkpoint): evaluate those weights
-        if d.main and not c.quiet:
-            print(f"{run}: all {c.epochs} epochs were done; the result comes from the checkpoint", flush=True)
-        ev = evaluate(net, val_loader, num_classes, amp, d)
-    metrics = runs.read_metrics(run) if d.main else []
-    result = {}
-    if d.main:
-        final = metrics[-1]
-        result = {"status": "finished", "top1_error": final["top1_error"], "top5_error": final["top5_error"],
-                  "params": params, "epochs": c.epochs, "depth": depth, "width": c.width, "image_size": size,
-                  "train_seconds": train_seconds, "train_images_per_s": images_seen / train_seconds,
-                  "device": str(dev), "world_size": d.world}
-        at = [m for m in metrics if m["epoch"] == c.report_epoch]
-        if at:
-            result[f"top1_error_ep{c.report_epoch}"] = at[0]["top1_error"]
-            result[f"top5_error_ep{c.report_epoch}"] = at[0]["top5_error"]
-        _write_per_class(run / runs.PER_CLASS, ev["per_class"], val_ds)
-        runs.write_json(run / runs.RESULT, result)
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return result
-
-
-def _write_per_class(path: Path, per_class: np.ndarray, ds: ImageNetDS) -> None:
-    count, c1, ck = per_class
-    with runs.naming(path), atomic_write(path, "w") as f:
-        f.write("index,wnid,name,count,top1_accuracy,top5_accuracy\n")
-        for i, (w, name) in enumerate(zip(ds.wnids, ds.classes, strict=True)):
-            n = count[i]
-            a1 = f"{100 * c1[i] / n:.2f}" if n else ""
-            a5 = f"{100 * ck[i] / n:.2f}" if n else ""
-            f.write(f"{i},{w},\"{name}\",{int(n)},{a1},{a5}\n")
 
 
 if __name__ == "__main__":

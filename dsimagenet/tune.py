@@ -21,38 +21,58 @@ import json
 import math
 import multiprocessing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsimagenet.errors import ConfigError, DSImageNetError
+from dsimagenet.fields import check, is_int, is_number, option, recipe, text, whole
 from dsimagenet.recipe import TrainConfig
 
 TUNED = ("lr", "width", "weight_decay")  # set by each trial; with data, epochs and out never from --base
 
 
+_RANGE = (lambda v: isinstance(v, tuple) and len(v) == 2 and all(is_number(x) and x > 0 for x in v) and v[0] <= v[1],
+          "a low and a high number > 0")  # a log scale
+
+
 @dataclass(frozen=True)
 class TuneConfig:
-    out: str
-    data: str  # may hold {size}
-    trials: int = 20  # in the whole study (all workers, all sessions)
-    min_epochs: int = 1  # Hyperband's minimum resource
-    max_epochs: int = 40
-    reduction_factor: int = 3
-    lr: tuple[float, float] = (1e-3, 0.5)
-    widths: tuple[float, ...] = (1.0, 2.0)
-    weight_decay: tuple[float, float] = (1e-5, 1e-3)
-    sizes: tuple[int, ...] = ()  # resolution as a dimension; empty: the data's own
-    storage: str | None = None
-    study: str = "dsimagenet"
-    workers: int = 1
-    seed: int = 0
-    base: dict = field(default_factory=dict)  # other TrainConfig fields (depth, device, batch_size, ...)
+    """One study. ``recipe`` fields define what is searched, ``option`` fields how and where the search runs;
+    each declares its help and allowed values once (dsimagenet.fields), for the flags; ``validate`` adds the rules
+    between fields."""
+
+    out: str = option(check=text(), help="the tune folder (created): trials/, study.db, trials.csv")
+    data: str = recipe(check=text(), help="dataset, as for train; with --sizes it holds {size} (e.g. out/{size}_box)")
+    trials: int = option(20, check=whole(1),  # in the whole study (all workers, all sessions)
+                         help="finished trials the study should hold (all workers together)")
+    min_epochs: int = recipe(1, check=whole(1), help="Hyperband's smallest budget in epochs")
+    max_epochs: int = recipe(40, check=whole(1), help="epochs of a full trial")
+    reduction_factor: int = recipe(3, check=whole(2), help="Hyperband's reduction factor")
+    lr: tuple[float, float] = recipe((1e-3, 0.5), check=_RANGE, help="learning rates searched (log scale): low high")
+    widths: tuple[float, ...] = recipe(
+        (1.0, 2.0), check=(lambda v: len(v) > 0 and all(is_number(w) and w > 0 for w in v), "numbers > 0"),
+        help="widths k to choose from")
+    weight_decay: tuple[float, float] = recipe((1e-5, 1e-3), check=_RANGE,
+                                               help="weight decays searched (log scale): low high")
+    sizes: tuple[int, ...] = recipe(  # empty: the data's own
+        (), check=(lambda v: all(is_int(s) and s >= 1 for s in v), "integers >= 1"),
+        help="resolutions to search (--data needs {size}); default: the data's own")
+    storage: str | None = option(
+        None, check=text(optional=True),
+        help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:PATH (default: OUT/study.db)")
+    study: str = option("dsimagenet", check=(lambda v: isinstance(v, str) and v != "", "a name"),
+                        help="the study's name in the storage")
+    workers: int = option(1, check=whole(1), help="trials at a time on this machine")
+    seed: int = recipe(0, check=whole(0), help="seed of the sampler")
+    base: dict = recipe(default_factory=dict, check=(lambda v: isinstance(v, dict), "a mapping of train settings"),
+                        help="other TrainConfig fields of every trial (depth, device, batch_size, ...)")
 
     def __post_init__(self):
         for name in ("lr", "widths", "weight_decay", "sizes"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         validate(self)
+        check(self)  # what validate leaves to the declarations (the type of --storage, --study, --base)
 
 
 def _int(v) -> bool:
@@ -216,8 +236,8 @@ def _diverged(trial, message: str):
 def _objective(c: TuneConfig):
     import optuna
 
+    from dsimagenet import runs
     from dsimagenet.errors import Diverged
-    from dsimagenet.runs import load_run
     from dsimagenet.train import train
 
     def objective(trial) -> float:
@@ -229,8 +249,8 @@ def _objective(c: TuneConfig):
             if line["epoch"] < tc.epochs and trial.should_prune():  # a finished run is a result, not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {line['epoch']}")
 
-        resume = (out / "config.json").exists()  # a trial run again after its worker died continues from it
-        if resume and (before := load_run(out)).status == "diverged":
+        resume = runs.exists(out)  # a trial run again after its worker died continues from it
+        if resume and (before := runs.load_run(out)).status == "diverged":
             raise _diverged(trial, (before.result or {}).get("message", "diverged before"))
         try:
             result = train(tc, resume=resume, on_epoch=report)

@@ -438,3 +438,14 @@ def test_a_sweep_survives_random_kills(tmp_path):
     (tmp_path.parent / "sweep_kills.json").write_text(json.dumps({"kills": kills, "landed": landed}))
     print(f"sweep killed {kills} times, {landed} while it ran; every run bitwise equal")
     assert landed >= kills // 2
+
+
+def test_results_csv_has_the_errors_after_the_runs_report_epoch(tmp_path):
+    data = learnable_native(tmp_path / "data")
+    base = {**BASE, "data": str(data), "epochs": 2, "milestones": (1,), "report_epoch": 1}
+    sweep(SweepConfig(out=str(tmp_path / "sw"), grid=parse_grid("lr=0.02"), base=base))
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "results.csv")))
+    first = load_runs([tmp_path / "sw" / "lr=0.02"])[0].metrics[0]  # the epoch-1 line of metrics.jsonl
+    assert (rows[0]["top1_error_ep1"], rows[0]["top5_error_ep1"]) == (str(first["top1_error"]),
+                                                                      str(first["top5_error"]))
+    assert "top1_error_ep31" not in rows[0]  # no column for an epoch no run reports

@@ -172,6 +172,51 @@ def test_resume_at_an_epoch_boundary_keeps_every_epoch_once(learnable, tmp_path)
     assert lines(tmp_path / "run") == lines(tmp_path / "whole")
 
 
+def test_extend_run_makes_a_finished_run_the_first_epochs_of_a_longer_one(learnable, tmp_path):
+    """A finished 2-epoch run of a step schedule, extended to 3 epochs and resumed, is the 3-epoch run: the same
+    weights bit for bit and the same metrics (its checkpoint, stored with 2 epochs, is taken as it is)."""
+    from dsimagenet.train import extend_run
+
+    kw = dict(data=str(learnable), milestones=(1, 2), **FAST)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), epochs=3, **kw))
+    short = TrainConfig(out=str(tmp_path / "run"), epochs=2, **kw)
+    train(short)
+    longer = TrainConfig(**{**short.__dict__, "epochs": 3})
+    assert extend_run(tmp_path / "run", longer) == 2
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["config"]["epochs"] == 3 and stored["continued"] == [{"from_epochs": 2, "to_epochs": 3}]
+    assert not (tmp_path / "run" / "result.json").exists()
+    assert train(longer, resume=True)["top1_error"] == whole["top1_error"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda m: {k: v for k, v in m.items() if "seconds" not in k and "per_s" not in k}  # noqa: E731
+    lines = lambda r: [strip(json.loads(x)) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines(tmp_path / "run") == lines(tmp_path / "whole")
+
+
+def test_extend_run_refuses_what_would_not_be_the_same_run_and_changes_nothing(learnable, tmp_path):
+    from dsimagenet.errors import ConfigError, Diverged
+    from dsimagenet.train import LENGTH_FREE_SCHEDULES, extend_run
+
+    assert LENGTH_FREE_SCHEDULES == ("step", "sgdr")
+    c = TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=2, **FAST)
+    train(c)
+    files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    more = {**c.__dict__, "epochs": 3}
+    refused = [(ConfigError, "--schedule cosine: its learning rate depends on --epochs",
+                TrainConfig(**{**more, "schedule": "cosine"})),
+               (RunError, "lr was 0.05, now 0.1", TrainConfig(**{**more, "lr": 0.1})),
+               (ConfigError, "never shortened", TrainConfig(**{**c.__dict__, "epochs": 1}))]
+    for error, message, config in refused:
+        with pytest.raises(error, match=message):
+            extend_run(tmp_path / "run", config)
+        assert {f: f.read_bytes() for f in (tmp_path / "run").iterdir()} == files
+    json.dump({"status": "diverged", "message": "x"}, (tmp_path / "run" / "result.json").open("w"))
+    with pytest.raises(Diverged, match="diverged in its first 2 epochs"):
+        extend_run(tmp_path / "run", TrainConfig(**more))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["epochs"] == 2
+
+
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_matches_eager(learnable, tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from dsimagenet.errors import DSImageNetError
 from dsimagenet.report import figures, page, tables
+from dsimagenet.runs import RESULT, RunError, find_runs, load_run
 
-NEEDED = {"config.json": ("config", "image_size", "depth"),
-          "result.json": ("top1_error", "top5_error", "params", "train_seconds")}
+NEEDED = ("top1_error", "top5_error", "params", "train_seconds")  # of result.json
 
 
 def _finite(x) -> bool:
@@ -34,38 +34,27 @@ def status_of(run) -> tuple[str, str]:
             f"diverged at epoch {res['epoch']} step {res.get('step')}" if "epoch" in res else
             "its losses are not finite (a run made before divergence was detected)")
     if run.status != "finished":
-        return run.status, "no result.json: interrupted or still running"
-    for name, keys in NEEDED.items():
-        have = run.config if name == "config.json" else run.result
-        missing = [k for k in keys if k not in have]
-        if missing:
-            return "damaged", f"{name} lacks {', '.join(missing)}"
-    for k in ("image_size", "depth"):
-        if not isinstance(run.config[k], int):
-            return "damaged", f"config.json: {k} is {run.config[k]!r}, not an integer"
+        return run.status, f"no {RESULT}: interrupted or still running"
+    try:
+        run.train_config, run.image_size, run.depth  # noqa: B018 - each a RunError naming config.json if damaged
+    except RunError as e:
+        return "damaged", str(e)
+    missing = [k for k in NEEDED if k not in run.result]
+    if missing:
+        return "damaged", f"{RESULT} lacks {', '.join(missing)}"
     for k in ("params", "train_seconds"):
         if not _finite(run.result[k]):
-            return "damaged", f"result.json: {k} is {run.result[k]!r}, not a number"
+            return "damaged", f"{RESULT}: {k} is {run.result[k]!r}, not a number"
     if not all(_finite(run.result[k]) for k in ("top1_error", "top5_error")):
-        return "diverged", "a non-finite error in result.json"
+        return "diverged", f"a non-finite error in {RESULT}"
     return "finished", ""
 
 
 def load(paths) -> tuple[list, list[tuple[str, str, str]]]:
     """(finished runs, [(path, status, why) of every other run]) under ``paths``. A damaged run is listed with
     what is wrong, never a reason to stop (nor silently left out)."""
-    from dsimagenet.runs import CONFIG, load_run
-
-    found: set[Path] = set()
-    for p in map(Path, paths):
-        if (p / CONFIG).exists():
-            found.add(p)
-        elif p.is_dir():
-            found.update(c.parent for c in p.rglob(CONFIG))
-        else:
-            raise FileNotFoundError(f"{p}: no such run directory")
     finished, other = [], []
-    for p in sorted(found):
+    for p in find_runs(paths):
         try:
             run = load_run(p)
             state, why = status_of(run)
@@ -88,7 +77,7 @@ def report(paths, out: str | Path) -> dict:
     if not runs:
         counts = ", ".join(f"{sum(e[1] == s for e in excluded)} {s}" for s in ("diverged", "unfinished", "damaged")
                            if any(e[1] == s for e in excluded))
-        raise DSImageNetError(f"no finished runs (result.json) under {', '.join(map(str, paths))}"
+        raise DSImageNetError(f"no finished runs ({RESULT}) under {', '.join(map(str, paths))}"
                               + (f"; runs found: {counts}" if counts else ""))
     out.mkdir(parents=True, exist_ok=True)
     rows = tables.rows_of(runs)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dsimagenet.report.tables import RunRow
+from dsimagenet.runs import CHECKPOINT, PER_CLASS
 
 
 def _plt():
@@ -47,8 +48,7 @@ def fig1_methods(runs, out: Path, n: int = 8) -> Path | None:
 
     datasets = {}
     for r in runs:
-        key = (int(r.config["image_size"]), r.config.get("method") or "?")
-        datasets.setdefault(key, r.config["config"]["data"])
+        datasets.setdefault((r.image_size, r.method or "?"), r.train_config.data)
     if not datasets:
         return None
     plt = _plt()
@@ -150,10 +150,10 @@ def fig5_time(runs, out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r, m in curves:
-        c = r.config["config"]
+        c = r.train_config
         t = [max(x["train_seconds"], 1e-3) for x in m]
         ax.plot(t, [x["top1_error"] for x in m], "-", lw=1, alpha=0.8,
-                label=f"{r.config['image_size']} px WRN-{r.config['depth']}-{c['width']:g} lr {c['lr']:g}")
+                label=f"{r.image_size} px WRN-{r.depth}-{c.width:g} lr {c.lr:g}")
         ax.plot(t[-1:], [m[-1]["top1_error"]], "o", ms=4, color=ax.lines[-1].get_color())
     ax.set(xscale="log", yscale="log", xlabel="training time (s)", ylabel="top-1 error (%)",
            title="Fig. 5: error vs training time")
@@ -163,7 +163,7 @@ def fig5_time(runs, out: Path) -> Path | None:
 
 
 def per_class(run) -> list[tuple[str, str, float, float]] | None:
-    path = Path(run.path) / "per_class.csv"
+    path = Path(run.path) / PER_CLASS
     if not path.exists():
         return None
     rows = []
@@ -206,24 +206,21 @@ def fig7_ranked_classes(run, out: Path, per_class_images: int = 6) -> Path | Non
 
     from dsimagenet.data import Loader, compute_stats
     from dsimagenet.dataset import open_dataset
-    from dsimagenet.model import WideResNet
 
-    rows, ckpt = per_class(run), Path(run.path) / "checkpoint.pt"
-    if not rows or not ckpt.exists():
+    rows = per_class(run)
+    if not rows or not (Path(run.path) / CHECKPOINT).exists():
         return None
-    c = run.config["config"]
+    c = run.train_config
     try:
-        train_ds = open_dataset(c["data"], "train", c["order"], c["classes"])
-        val = open_dataset(c["data"], "val", c["order"], c["classes"])
+        train_ds = open_dataset(c.data, "train", c.order, c.classes)
+        val = open_dataset(c.data, "val", c.order, c.classes)
     except (OSError, ValueError):
         return None
-    model = WideResNet(run.config["depth"], c["width"], run.config["num_classes"], run.config["image_size"])
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
-    model.eval()
+    model = run.model()
     ranked = sorted(range(len(rows)), key=lambda i: -rows[i][2])
     picks = list(dict.fromkeys(ranked[round(q * (len(ranked) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)))  # best first
     idx_of = {w: i for i, w in enumerate(val.wnids)}
-    stats = compute_stats(train_ds, c["normalize"])  # the mean image from the files: no copy of the split
+    stats = compute_stats(train_ds, c.normalize)  # the mean image from the files: no copy of the split
     plt = _plt()
     fig, axes = plt.subplots(len(picks), per_class_images, figsize=(per_class_images * 1.1, len(picks) * 1.3),
                              squeeze=False)

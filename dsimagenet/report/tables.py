@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
 
+PAPER_EPOCH = 31  # the paper's Table 1 gives the errors after epoch 31
+
 
 @dataclass(frozen=True)
 class RunRow:
@@ -36,11 +38,11 @@ class RunRow:
 def rows_of(runs) -> list[RunRow]:
     out = []
     for r in runs:
-        c, res = r.config["config"], r.result
-        out.append(RunRow(str(r.path), int(r.config["image_size"]), int(r.config["depth"]), float(c["width"]),
-                          float(c["lr"]), int(c["seed"]), r.config.get("method") or "?", int(res["params"]),
-                          res["top1_error"], res["top5_error"], res.get("top1_error_ep31"),
-                          res.get("top5_error_ep31"), res["train_seconds"]))
+        c, res = r.train_config, r.result
+        top1_ep31, top5_ep31 = r.errors_at(PAPER_EPOCH)
+        out.append(RunRow(str(r.path), r.image_size, r.depth, float(c.width), float(c.lr), c.seed,
+                          r.method or "?", int(res["params"]), res["top1_error"], res["top5_error"], top1_ep31,
+                          top5_ep31, res["train_seconds"]))
     return out
 
 
