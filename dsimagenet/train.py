@@ -12,9 +12,11 @@ is on disk. The learning rate is a pure function of (epoch, step). On CUDA: bf16
 uint8 data resident on the GPU, no host synchronisation inside an epoch except every ``log_every`` steps;
 optional ``torch.compile``.
 
-Before anything is written, every value is checked (``TrainConfig`` itself; then ``check_environment``: the
-device, the data against the batch and the processes). One process holds a run directory at a time (an flock
-that dies with it). A resumed checkpoint must be this run's (data, configuration, shapes, finite values). A
+Before anything is written, every value is checked (``TrainConfig`` itself; then ``preflight.check_environment``:
+the device, the data against the batch and the processes). One process holds a run directory at a time (an flock
+that dies with it). A resumed checkpoint must be this run's (data, configuration, shapes, finite values: checked
+in checkpoint.py, which also holds ``check_resume`` and ``extend_run``, re-exported here with
+``check_environment``, ``LENGTH_FREE_SCHEDULES`` and ``dataset_fingerprint``). A
 non-finite loss (read at the log points and at the epoch's end) or weight stops the run: ``Diverged``, exit
 status 3, result.json ``{"status": "diverged", ...}``.
 """
@@ -22,7 +24,6 @@ status 3, result.json ``{"status": "diverged", ...}``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -38,24 +39,29 @@ import torch
 from torch import nn
 
 from dsimagenet import distributed, runs
+from dsimagenet.checkpoint import (  # LENGTH_FREE_SCHEDULES, check_resume, extend_run: also train's API (__all__)
+    LENGTH_FREE_SCHEDULES,
+    check_resume,
+    computed,
+    extend_run,
+    load_checkpoint,
+    non_finite,
+    save_checkpoint,
+)
 from dsimagenet.data import Loader
 from dsimagenet.dataset import ImageNetDS
 from dsimagenet.dataset import fingerprint as dataset_fingerprint  # its name here before it moved: kept
 from dsimagenet.distributed import Dist
-from dsimagenet.errors import ConfigError, Diverged
+from dsimagenet.errors import Diverged
 from dsimagenet.formats import native
 from dsimagenet.formats.atomic import atomic_write
-from dsimagenet.model import WideResNet, count_parameters, default_depth, num_stacks, parameter_count
-from dsimagenet.recipe import OPERATIONAL, TrainConfig, learning_rate
+from dsimagenet.model import WideResNet, count_parameters, default_depth
+from dsimagenet.preflight import check_environment  # also train's API (__all__)
+from dsimagenet.recipe import TrainConfig, learning_rate
 from dsimagenet.runs import RunError
 
 __all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct", "check_environment",
            "check_resume", "extend_run", "LENGTH_FREE_SCHEDULES", "dataset_fingerprint"]
-
-# Schedules whose learning rate at an epoch does not depend on --epochs: a run of them is the first epochs of any
-# longer one, so it can be extended (``extend_run``) and its checkpoint resumed into the longer run.
-LENGTH_FREE_SCHEDULES = ("step", "sgdr")
-
 
 def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
@@ -181,7 +187,7 @@ def _make_forward(net: nn.Module, criterion: nn.Module, device_type: str, amp: b
     return forward
 
 
-# --- the run directory: new, resumed, extended
+# --- the run directory: new or resumed
 
 @dataclass
 class Progress:
@@ -240,7 +246,7 @@ def _resume(p: Parts, resume: bool, has_result: bool) -> Progress | dict:
         return result
     at = _progress(p)
     if (run / runs.CHECKPOINT).exists():
-        s = _load_checkpoint(run / runs.CHECKPOINT, p.model, p.opt, p.config, p.fingerprint, p.steps, p.device)
+        s = load_checkpoint(run / runs.CHECKPOINT, p.model, p.opt, p.config, p.fingerprint, p.steps, p.device)
         at = _progress(p, s["epoch"], s["step"], s["acc"], s["train_seconds"], s["images_seen"])
     if p.dist.main:
         runs.truncate_metrics(run, at.start_epoch)
@@ -268,73 +274,6 @@ def _hold(run: Path, d: Dist, dev: torch.device) -> Iterator[tuple[bool, bool]]:
         yield bool(state[1]), bool(state[2])
 
 
-def _computed(c: TrainConfig) -> dict:
-    """The fields that decide what a run computes, as JSON values (what config.json and checkpoints store)."""
-    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(c))).items() if k not in OPERATIONAL}
-
-
-def _differences(was: dict, now: dict, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    return sorted(k for k in set(was) | set(now) if k not in skip and was.get(k) != now.get(k))
-
-
-def _weights_depend_on(config: dict) -> dict:
-    """Of ``_computed``, what decides the weights up to a checkpoint: the total of epochs only for a schedule
-    that depends on it (not ``LENGTH_FREE_SCHEDULES``: their runs are the same up to any epoch, whatever the
-    total; the checkpoint's epoch is checked against --epochs on its own); the reported epoch never."""
-    skip = {"report_epoch"} | ({"epochs"} if config.get("schedule") in LENGTH_FREE_SCHEDULES else set())
-    return {k: v for k, v in config.items() if k not in skip}
-
-
-def check_resume(run: Path, config: TrainConfig, fingerprint: str) -> None:
-    """RunError unless the run at ``run`` (its config.json) was made on the data of ``fingerprint`` with
-    ``config``, up to the fields that do not change what is computed (``recipe.OPERATIONAL``)."""
-    old = runs.read_json(run / runs.CONFIG)
-    if old.get("dataset_fingerprint") != fingerprint:
-        raise RunError(f"{run}: refusing to resume on different data: the run was trained on "
-                       f"{old.get('config', {}).get('data')} (fingerprint {str(old.get('dataset_fingerprint'))[:12]}"
-                       f"), --data {config.data} is {fingerprint[:12]}")
-    new, was = _computed(config), old.get("config", {})
-    diff = _differences(was, new, OPERATIONAL)
-    if diff:
-        raise RunError(f"{run}: refusing to resume with a different configuration: " +
-                       ", ".join(f"{k} was {was.get(k)!r}, now {new.get(k)!r}" for k in diff))
-
-
-def extend_run(run: Path, config: TrainConfig) -> int:
-    """Make the run at ``run`` a run of ``config.epochs`` epochs, to be trained on with ``train(config,
-    resume=True)``; returns the epochs it had. Only for ``LENGTH_FREE_SCHEDULES``: its epochs so far are then
-    exactly the first epochs of the longer run, and its checkpoint resumes into it as it is. config.json must
-    otherwise match ``config`` (the caller checks the data: ``check_resume`` with the old epochs). Held
-    throughout (no ``train --resume`` of it meanwhile); result.json goes first and config.json last: a kill in
-    between leaves an unfinished run of the old length, which the same call extends again."""
-    run = Path(run)
-    if config.schedule not in LENGTH_FREE_SCHEDULES:
-        raise ConfigError(f"--schedule {config.schedule}: its learning rate depends on --epochs, so a run of it "
-                          f"cannot be extended to more epochs (only a {' or '.join(LENGTH_FREE_SCHEDULES)} schedule)")
-    with runs.hold(run):
-        stored = runs.read_json(run / runs.CONFIG)
-        was = stored.get("config")
-        old = was.get("epochs") if isinstance(was, dict) else None
-        if type(old) is not int:
-            raise RunError(f"{run / runs.CONFIG}: holds no configuration with its epochs")
-        now = _computed(config)
-        diff = _differences(was, now, OPERATIONAL | {"epochs"})
-        if diff:
-            raise RunError(f"{run}: cannot be extended with a different configuration: " +
-                           ", ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in diff))
-        if config.epochs < old:
-            raise ConfigError(f"--epochs {config.epochs}: the run {run} has {old} epochs; a run is extended, never "
-                              "shortened")
-        result = run / runs.RESULT
-        if result.exists() and runs.read_json(result).get("status") == "diverged":
-            raise Diverged(f"{run}: this run diverged in its first {old} epochs: it cannot be extended")
-        result.unlink(missing_ok=True)
-        was["epochs"] = config.epochs
-        stored.setdefault("continued", []).append({"from_epochs": old, "to_epochs": config.epochs})
-        runs.write_json(run / runs.CONFIG, stored)
-    return old
-
-
 def checkpoint(p: Parts, at: Progress, epoch: int, step: int) -> None:
     """Rank 0 saves the run as it is at (``epoch``, ``step``): weights, optimizer, ``at``, the RNGs. Weights
     holding a NaN or an infinity are never saved (a step since the last loss check can have broken them): the
@@ -342,88 +281,19 @@ def checkpoint(p: Parts, at: Progress, epoch: int, step: int) -> None:
     if not p.dist.main:
         return
     weights = p.model.state_dict()
-    bad = _non_finite(weights)
+    bad = non_finite(weights)
     if bad is not None:
         _diverged(p, epoch if step else epoch - 1, step or p.steps, f"{bad} holds NaN or infinite values")
     state = {"model": weights, "optimizer": p.opt.state_dict(), "epoch": epoch, "step": step,
              "acc": [float(v) for v in at.sums.tolist()],
              "train_seconds": at.train_seconds + (time.perf_counter() - at.since),
              "images_seen": at.images_seen, "rng_cpu": torch.get_rng_state(), "fingerprint": p.fingerprint,
-             "config": json.dumps(_computed(p.config), sort_keys=True)}
+             "config": json.dumps(computed(p.config), sort_keys=True)}
     if p.device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
-    _save_checkpoint(p.run / runs.CHECKPOINT, state)
+    save_checkpoint(p.run / runs.CHECKPOINT, state)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with runs.naming(path, "; the previous checkpoint is kept"), atomic_write(path) as f:
-        torch.save(state, f)
-
-
-def _non_finite(named: dict) -> str | None:
-    """The name of the first floating tensor in ``named`` holding a NaN or an infinity, or None."""
-    floats = [(k, t) for k, t in named.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
-        return None
-    ok = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()  # one host synchronisation
-    return next((k for (k, _), good in zip(floats, ok, strict=True) if not good), None)
-
-
-def _load_checkpoint(path: Path, model: WideResNet, opt: torch.optim.Optimizer, c: TrainConfig, fingerprint: str,
-                     steps: int, dev: torch.device) -> dict:
-    """The checkpoint's state, loaded into ``model`` and ``opt`` and the RNGs once it is known to be this run's:
-    its data, its configuration, tensors that fit the model, finite values, a place within the run."""
-    fix = "; remove it to restart the run from the beginning"
-    runs.check_regular(path)
-    try:  # weights_only: tensors and plain values only, never code from the file
-        state = torch.load(path, map_location=dev, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for damaged or unsafe files
-        raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
-    need = ("model", "optimizer", "epoch", "step", "acc", "train_seconds", "images_seen", "rng_cpu")
-    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
-    if missing or not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
-        raise RunError(f"{path}: not a checkpoint of this trainer (no {', '.join(missing) or 'model tensors'}){fix}")
-    if state.get("fingerprint") != fingerprint:
-        raise RunError(f"{path}: belongs to a run on other data (dataset fingerprint "
-                       f"{str(state.get('fingerprint'))[:12]}; this run's --data {c.data} is {fingerprint[:12]}){fix}")
-    if isinstance(state.get("config"), str):  # checkpoints before it was stored are checked by their tensors
-        theirs, ours = _weights_depend_on(json.loads(state["config"])), _weights_depend_on(_computed(c))
-        diff = _differences(theirs, ours)
-        if diff:
-            raise RunError(f"{path}: belongs to another run: " + ", ".join(
-                f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff) + fix)
-    ours, theirs = model.state_dict(), state["model"]
-    problems = ([f"{k} is missing" for k in ours if k not in theirs]
-                + [f"{k} is not in this model" for k in theirs if k not in ours]
-                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
-                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
-    if problems:
-        raise RunError(f"{path}: does not fit this run's model (WRN-{model.depth}-{model.width:g}, "
-                       f"{model.num_classes} classes, {model.image_size} px): {'; '.join(problems[:3])}"
-                       f"{'; ...' if len(problems) > 3 else ''}{fix}")
-    buffers = {f"optimizer state {i} {k}": t for i, s in state["optimizer"].get("state", {}).items()
-               if isinstance(s, dict) for k, t in s.items()}
-    bad = _non_finite({**theirs, **buffers})
-    if bad:
-        raise RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged{fix}")
-    epoch, step, acc = state["epoch"], state["step"], state["acc"]
-    if not (type(epoch) is int and type(step) is int and 0 <= epoch <= c.epochs and 0 <= step < steps
-            and (epoch < c.epochs or step == 0)):
-        raise RunError(f"{path}: at epoch {epoch!r} step {step!r}, outside this run ({c.epochs} epochs of "
-                       f"{steps} steps){fix}")
-    if not (isinstance(acc, list) and len(acc) == 3 and all(isinstance(v, float) and math.isfinite(v) for v in acc)):
-        raise RunError(f"{path}: its running sums {acc!r} are not three finite numbers{fix}")
-    try:
-        model.load_state_dict(theirs)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise RunError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:200]}){fix}") from None
-    return state
 
 
 # --- an epoch
@@ -486,7 +356,7 @@ def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict
     c, d = p.config, p.dist
     if not math.isfinite(ev["val_loss"]):
         _diverged(p, epoch, p.steps, f"the validation loss is {ev['val_loss']}")
-    bad = _non_finite(p.model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
+    bad = non_finite(p.model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
     if bad is not None:
         _diverged(p, epoch, p.steps, f"{bad} holds NaN or infinite values")
     line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, p.steps), "train_loss": sums[0] / sums[2],
@@ -656,79 +526,6 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool, d: D
     loss, c1, ck = sums.tolist()
     return {"val_loss": loss / n, "top1_error": 100 * (1 - c1 / n), "top5_error": 100 * (1 - ck / n),
             "per_class": per_class.cpu().numpy()}
-
-
-# --- what the configuration alone cannot tell
-
-def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tuple[str, ImageNetDS, ImageNetDS]:
-    """What the configuration alone cannot tell, checked before anything is written: the device; the data's
-    size, classes and images against --size, --depth, --classes and the batch shared by ``world`` processes.
-    Returns the device ("cpu" or "cuda") and the train and val splits."""
-    import shutil
-
-    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
-        raise ConfigError(f"--device cuda: no CUDA GPU is available to torch {torch.__version__} ({built}): use "
-                          "--device cpu or auto")
-    if device == "cuda" and local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"--device cuda: process LOCAL_RANK={local_rank} has no GPU of its own "
-                          f"({torch.cuda.device_count()} visible)")
-    if device == "cpu" and c.compile and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
-        raise ConfigError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++) on PATH; leave "
-                          "--compile out")
-    if c.classes is not None and native.is_native(c.data):
-        have = len(native.read_meta(c.data)["wnids"])
-        if c.classes > have:
-            raise ConfigError(f"--classes {c.classes}: {c.data} has {have} classes")
-    train_ds = ImageNetDS(c.data, "train", c.order, c.classes, c.max_per_class)
-    val_ds = ImageNetDS(c.data, "val", c.order, c.classes)
-    size = train_ds.image_size
-    if c.size is not None and c.size != size:
-        raise ConfigError(f"--size {c.size}: the data {c.data} is {size} px")
-    stacks = num_stacks(size)
-    if c.depth is not None and (c.depth - 4) % (2 * stacks):
-        raise ConfigError(f"--depth {c.depth} is not 4 + 2 * n * {stacks} ({stacks} stacks for {size} px images): "
-                          f"try {4 + 8 * stacks}")
-    _check_memory(c, device, local_rank, size, len(train_ds.wnids), len(train_ds), world)
-    chosen = f" of the first {c.classes} classes (--classes)" if c.classes else ""
-    for split, ds in (("train", train_ds), ("val", val_ds)):
-        if len(ds) == 0:
-            raise ConfigError(f"--data {c.data}: no {split} images{chosen}")
-    if c.batch_size % world:
-        raise ConfigError(f"--batch-size {c.batch_size} must be a multiple of the {world} processes")
-    samples = len(train_ds) * (2 if c.augment == "paper" else 1)
-    if world > 1 and samples < c.batch_size:  # several ranks drop the last partial batch: no step would be left
-        raise ConfigError(f"--batch-size {c.batch_size}: {c.data} gives {samples} samples an epoch ({len(train_ds)} "
-                          f"images{', each also mirrored' if c.augment == 'paper' else ''}), less than one batch, and "
-                          f"{world} processes drop an epoch's last partial batch: use a --batch-size of at most "
-                          f"{max(world, samples - samples % world)}")
-    return device, train_ds, val_ds
-
-
-BLOCK_BYTES = 8 << 10  # a block's Python objects (six modules, their parameters): about 14 KiB measured
-
-
-def _check_memory(c: TrainConfig, device: str, local_rank: int, size: int, num_classes: int, images: int,
-                  world: int) -> None:
-    """Refuse a model that cannot fit, before it is built: building a WRN of depth 10**9 would take hours, and
-    one of width 10**6 fails deep in torch's allocator. A lower bound is compared, so nothing that fits is refused:
-    weights, gradients and momentum in float32, the blocks' objects, and each block's output kept for backward."""
-    depth = c.depth or default_depth(size)
-    stacks = num_stacks(size)
-    n = (depth - 4) // (2 * stacks)
-    params = parameter_count(depth, c.width, num_classes, size)
-    batch = min(c.batch_size, images * (2 if c.augment == "paper" else 1)) // world or 1
-    kept = sum(n * round(16 * c.width * 2**s) * max(1, size >> s) ** 2 for s in range(stacks))  # floats a sample
-    need = 12 * params + BLOCK_BYTES * n * stacks + 4 * kept * batch
-    if device == "cuda":
-        have, where = torch.cuda.get_device_properties(local_rank).total_memory, f"GPU {local_rank}"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
-    if need > have:
-        raise ConfigError(f"--depth {depth} --width {c.width:g}: WRN-{depth}-{c.width:g} has {params:,} parameters; "
-                          f"training it at a batch of {batch} needs at least {need / 2**30:,.1f} GiB, more than the "
-                          f"{have / 2**30:,.1f} GiB of {where}: choose a smaller --depth, --width or --batch-size")
 
 
 if __name__ == "__main__":
