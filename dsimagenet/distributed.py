@@ -1,7 +1,7 @@
 """Several training processes (``torchrun --nproc_per_node=K -m dsimagenet train ...``): who this process is,
 the collectives the trainer needs, and BatchNorm over the global batch.
 
-    d = setup(device)                  # Dist(rank, world, local_rank): one process without torchrun
+    with process_group(device) as d:   # Dist(rank, world, local_rank): one process without torchrun
     d.all_reduce(t); d.broadcast(t); d.barrier()   # no-ops with one process
 
 NCCL on CUDA, gloo on the CPU (what the tests use).
@@ -10,6 +10,8 @@ NCCL on CUDA, gloo on the CPU (what the tests use).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +99,20 @@ def setup(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[Dist]:
+    """``setup(device)`` for the length of a run; a group joined here is left again when the run ends normally,
+    as torch asks: a gloo group left to the interpreter's exit can abort the process at exit ("terminate called
+    without an active exception") after the run has finished. All ranks meet first: a rank that destroys the
+    group while another still uses it aborts the same way. After an exception the group is left alone:
+    destroying it while other ranks may still be in a collective can hang."""
+    import torch.distributed as dist
+
+    joined_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    d = setup(device)
+    yield d
+    if joined_here:
+        dist.barrier()  # every rank is done with the group before any leaves it
+        dist.destroy_process_group()

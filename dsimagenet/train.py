@@ -74,21 +74,21 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     c = config  # its values were checked when it was made (recipe.validate)
     device, train_ds, val_ds = check_environment(c, int(os.environ.get("WORLD_SIZE", "1")),
                                                  int(os.environ.get("LOCAL_RANK", "0")))
-    d = distributed.setup(device)
-    p = build(c, d, _torch_device(device, d), train_ds, val_ds, dataset_fingerprint(c.data))
-    with open_run(p, resume) as at, _stop_signals() as stop:
-        if isinstance(at, dict):  # finished (or diverged) before: its result
-            return at
-        ev = None
-        for epoch in range(at.start_epoch, c.epochs):
-            sums = train_epoch(p, at, epoch, stop)
-            ev = evaluate(p.net, p.val_loader, p.num_classes, p.amp, d)
-            line = record_epoch(p, at, epoch, sums, ev)
-            if epoch + 1 < c.epochs and _stopping(p, stop):  # after the last epoch: the result is a moment away
-                _interrupted(p, stop, epoch + 1, 0)
-            if on_epoch is not None and d.main:
-                on_epoch(line)
-        return finish(p, at, ev)
+    with distributed.process_group(device) as d:
+        p = build(c, d, _torch_device(device, d), train_ds, val_ds, dataset_fingerprint(c.data))
+        with open_run(p, resume) as at, _stop_signals() as stop:
+            if isinstance(at, dict):  # finished (or diverged) before: its result
+                return at
+            ev = None
+            for epoch in range(at.start_epoch, c.epochs):
+                sums = train_epoch(p, at, epoch, stop)
+                ev = evaluate(p.net, p.val_loader, p.num_classes, p.amp, d)
+                line = record_epoch(p, at, epoch, sums, ev)
+                if epoch + 1 < c.epochs and _stopping(p, stop):  # after the last epoch: the result is moments away
+                    _interrupted(p, stop, epoch + 1, 0)
+                if on_epoch is not None and d.main:
+                    on_epoch(line)
+            return finish(p, at, ev)
 
 
 # --- the parts a run trains with

@@ -140,7 +140,7 @@ def test_ddp_two_gloo_processes_match_one_process(learnable, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = _cli(learnable, tmp_path / "one", *common)
     subprocess.run(one, check=True, env=env)
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            "-m", "dsimagenet", *_cli(learnable, tmp_path / "two", *common)[3:]]
     subprocess.run(two, check=True, env=env)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
