@@ -17,7 +17,10 @@ default: all cores) and is timed end to end, median of ``--runs`` interleaved ru
 Then the build end to end against its own kernel bound, measured in the same run: ``build(... formats pickle +
 native, 16/32/64 box)`` in a fresh interpreter over ``--bound-copies`` copies of the sample (40: 20,000 images,
 so that start-up is well under 5%), against ``workers / the per-image time of the exact kernel in one
-process``; with its parts (start-up, indexing, decode+resize in the workers, writing each format, checksums).
+process``; with its parts (start-up, indexing, decode+resize in the workers, the formats' jobs in the same
+workers, meta.json and manifests), and the CPU time of the build and its workers against the kernel's: what the
+load of other processes changes least (wall times on a shared machine mean little; its CPU share says how much
+work the build does beyond the kernel).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import shutil
 import statistics
 import subprocess
@@ -139,7 +143,8 @@ def fidelity(files: list[Path]) -> None:
 
 
 def end_to_end(src: Path, out: Path, workers: int) -> tuple[float, dict[str, float]]:
-    """The wall time of a pickle + native build of SIZES in a fresh interpreter, and its phases."""
+    """The wall time of a pickle + native build of SIZES in a fresh interpreter, and its phases; its CPU time
+    (the build and its workers, user + system) as the phase "cpu"."""
     code = ("import json, time\n"
             "from dsimagenet.build import BuildConfig, build\n"
             "t, t0 = {}, time.perf_counter()\n"
@@ -147,9 +152,11 @@ def end_to_end(src: Path, out: Path, workers: int) -> tuple[float, dict[str, flo
             f"formats=('pickle', 'native'), workers={workers}, allow_partial=True, quiet=True), t)\n"
             "t['build'] = time.perf_counter() - t0\n"
             "print(json.dumps(t))")
-    t = time.perf_counter()
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
-    return time.perf_counter() - t, json.loads(done.stdout.splitlines()[-1])
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # workers too: the build joins them
+    return wall, {**json.loads(done.stdout.splitlines()[-1]), "cpu": cpu}
 
 
 def kernel_bound(sample: Path, tmp: Path, copies: int, workers: int, runs: int) -> None:
@@ -159,16 +166,18 @@ def kernel_bound(sample: Path, tmp: Path, copies: int, workers: int, runs: int) 
     files = lay_out(sample, tmp / "bound-src", copies)
     datas = [f.read_bytes() for f in sorted(sample.glob("*.JPEG"))]
     r = Resize(SIZES, ("box",))
-    per_image, walls = [], []
+    per_image, per_image_cpu, walls = [], [], []
     for _ in range(runs):  # interleaved, so that a busy moment of the machine falls on both
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for d in datas:
             resize_all(d, r)
         per_image.append((time.perf_counter() - t) / len(datas))
+        per_image_cpu.append((time.process_time() - cpu) / len(datas))
         shutil.rmtree(tmp / "bound-out", ignore_errors=True)
         walls.append(end_to_end(tmp / "bound-src", tmp / "bound-out", workers))
-    kernel_s = statistics.median(per_image)
-    wall, parts = sorted(walls)[len(walls) // 2]
+    kernel_s, kernel_cpu = statistics.median(per_image), statistics.median(per_image_cpu)
+    wall, parts = sorted(walls, key=lambda w: w[0])[len(walls) // 2]
+    cpu = parts.pop("cpu")
     bound, rate = workers / kernel_s, len(files) / wall
     print(f"bound   {len(files):,} JPEGs ({len(files) // copies} real ones x {copies}), sizes 16/32/64 box, "
           f"pickle + native, {workers} processes, median of {runs}:")
@@ -180,6 +189,11 @@ def kernel_bound(sample: Path, tmp: Path, copies: int, workers: int, runs: int) 
     named["other (locking, manifests, clean-up)"] = wall - sum(named.values())
     print("  where the time goes: " + "; ".join(f"{k} {v:.2f} s ({100 * v / wall:.1f}%)" for k, v in named.items()))
     print(f"  the kernel alone would take {len(files) * kernel_s / workers:.1f} s of it")
+    # what the load of other processes does not change much: the work the build does beyond the kernel's
+    print(f"  CPU (user + system, the build and its workers): {cpu:.1f} s = {1e3 * cpu / len(files):.2f} ms an "
+          f"image, the kernel's {1e3 * kernel_cpu:.2f} ms is {100 * kernel_cpu * len(files) / cpu:.0f}% of it; "
+          f"cores not used by the build (idle, or taken by other processes): "
+          f"{100 * (1 - cpu / (wall * workers)):.0f}% of {workers} x the wall time")
 
 
 def kernel(files: list[Path], runs: int) -> None:

@@ -6,9 +6,11 @@
 
 Source -> index (archives are indexed, never extracted) -> a seeded order -> chunks of rows, each decoded once
 and resized to every (size, method) by worker processes that write their rows straight into place (one work
-array per split and output, ``native.RowArray``) -> each requested format written from those rows by its own
-writer (the native arrays adopt them in place; the official batches are cut from them) -> a manifest with the
-sha256 of every file. A journal of finished chunks makes the build resumable after
+array per split and output, ``native.RowArray``; the train split's per-chunk pixel sums beside them, so that the
+mean is known when the last chunk is) -> each requested format written from those rows by its own writer, its
+work done by the same worker processes (the native arrays hashed once and adopted in place; the official batches
+cut from them, each hashed as it is written) -> a manifest with the sha256 of every file, none read back. A
+journal of finished chunks makes the build resumable after
 any interruption (SIGKILL included) with byte-identical results; the same seed gives the same bytes whatever the
 number of workers and the order in which the file system lists files.
 """
@@ -20,6 +22,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -29,14 +32,16 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from dsimagenet.checksum import digest
 from dsimagenet.errors import ConfigError, DSImageNetError
+from dsimagenet.fields import check, is_int, option, recipe, text, whole
 from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
@@ -65,25 +70,45 @@ class BuildError(DSImageNetError, RuntimeError):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    out: str
-    train: str | None = None
-    val: str | None = None
-    folder: str | None = None
-    devkit: str | None = None
-    sizes: tuple[int, ...] = (32,)
-    methods: tuple[str, ...] = ("box",)
-    formats: tuple[str, ...] = ("pickle", "native")
-    aspect: str = "squash"
-    fast: bool = False
-    exif_transpose: bool = False
-    seed: int = 0
-    workers: int | None = None  # default: every core
-    skip_bad: bool = False
-    allow_partial: bool = False
-    verify: bool = False
-    max_image_pixels: int | None = None  # Pillow's decompression-bomb limit; None keeps Pillow's
-    chunk_rows: int | None = None
-    quiet: bool = False
+    """One build. ``recipe`` fields decide the output bytes (a resumed build must match them), ``option`` fields
+    how it is run; each declares its help and allowed values once (dsimagenet.fields), for the flags and checks."""
+
+    out: str = option(check=text(), help="the folder to build into (created)")
+    train: str | None = recipe(
+        None, check=text(optional=True),
+        help="ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, or the Kaggle root")
+    val: str | None = recipe(
+        None, check=text(optional=True),
+        help="ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root")
+    folder: str | None = recipe(
+        None, check=text(optional=True),
+        help="any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>")
+    devkit: str | None = recipe(
+        None, check=text(optional=True),
+        help="ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv (default: bundled val labels)")
+    sizes: tuple[int, ...] = recipe(
+        (32,), check=(lambda v: all(is_int(s) and 1 <= s <= MAX_SIZE for s in v), f"whole numbers in 1..{MAX_SIZE}"),
+        help="output sizes S (S x S)")
+    methods: tuple[str, ...] = recipe(  # the names are Resize's to check
+        ("box",), check=(lambda v: all(isinstance(m, str) for m in v), "method names"),
+        help="box (the paper), lanczos, bilinear, bicubic, hamming, nearest")
+    formats: tuple[str, ...] = recipe(
+        ("pickle", "native"), check=(lambda v: set(v) <= set(FORMATS), "among " + ", ".join(FORMATS)),
+        help="pickle (official), npz, native")
+    aspect: Literal["squash", "center-crop"] = recipe("squash", help="squash (the paper) or center-crop")
+    fast: bool = recipe(False, help="reduced-scale JPEG decoding: faster, close to but not the exact pixels")
+    exif_transpose: bool = recipe(False, help="apply EXIF orientation (the paper ignores it)")
+    seed: int = recipe(0, check=whole(0), help="seed of the order of the images in the files")
+    workers: int | None = option(None, check=whole(1, MAX_WORKERS, optional=True),
+                                 help="processes (default: all cores)")
+    skip_bad: bool = option(False, help="skip unreadable images, list them in the manifest")
+    allow_partial: bool = option(False, help="build an incomplete ILSVRC-2012 with a warning instead of an error")
+    verify: bool = option(False, help="check the official archives' MD5s first")
+    max_image_pixels: int | None = recipe(None, check=whole(1, optional=True),  # None keeps Pillow's
+                                          help="decompression-bomb limit in pixels (default: Pillow's)")
+    chunk_rows: int | None = option(None, check=whole(1, 1 << 20, optional=True),
+                                    help="images per work chunk (default: about 32 MB of rows)")
+    quiet: bool = option(False, help="print nothing but errors")
 
     def __post_init__(self):
         """Every field checked here, in one place, before the build creates anything on disk."""
@@ -114,15 +139,7 @@ class BuildConfig:
         if len(self.sizes) * len(self.methods) > MAX_COMBOS:
             raise ConfigError(f"--sizes x --methods: {len(self.sizes)} x {len(self.methods)} = "
                               f"{len(self.sizes) * len(self.methods)} outputs, at most {MAX_COMBOS} in one build")
-        for name, value, low, high in (("workers", self.workers, 1, MAX_WORKERS),
-                                       ("max-image-pixels", self.max_image_pixels, 1, None),
-                                       ("chunk-rows", self.chunk_rows, 1, 1 << 20), ("seed", self.seed, 0, None)):
-            if value is None and name != "seed":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-                allowed = f"{low}..{high:,}" if high else f"a whole number >= {low}"
-                raise ConfigError(f"--{name} must be {allowed}{' (or left out)' if name != 'seed' else ''}, "
-                                  f"not {value!r}")
+        check(self)  # every field's declared values: --workers, --seed, --chunk-rows, the flags, ...
         row_bytes = sum(3 * s * s for s, _ in self.resize.combos)
         if self.chunk_rows and self.chunk_rows * row_bytes > _MAX_CHUNK_BYTES:
             raise ConfigError(f"--chunk-rows {self.chunk_rows}: {self.chunk_rows} rows of {row_bytes:,} bytes "
@@ -175,7 +192,10 @@ def _init_worker(max_pixels: int | None, parent: int) -> None:
 
 
 def _run_chunk(task: dict) -> dict:
-    """Decode and resize one chunk of rows and write them into the work arrays; returns notes and bad rows."""
+    """Decode and resize one chunk of rows and write them into the work arrays, and for the train split their
+    sums into the chunk's row of pixel sums (so that the mean is known when the last chunk is, without a pass
+    over the rows); returns notes and bad rows. The build makes the rows durable before it journals the chunk
+    (here, a worker waiting on the disk would leave its core idle)."""
     r: Resize = task["resize"]
     records: list[Record] = task["records"]
     rows = {c: np.zeros((len(records), c[0], c[0], 3), np.uint8) for c in r.combos}
@@ -197,7 +217,10 @@ def _run_chunk(task: dict) -> dict:
     if bad and not task["skip_bad"]:
         return {"bad": bad}
     for c, array in task["arrays"].items():
-        array.write_at(task["start"], rows[c], sync=True)  # durable before the chunk is journalled as done
+        array.write_at(task["start"], rows[c])
+    if task["sums"] is not None:  # exact integers; skipped rows are zeros and add nothing
+        sums = [rows[c].sum(axis=0, dtype=np.int64).reshape(-1) for c in r.combos]
+        task["sums"].write_at(task["chunk"], np.concatenate(sums)[None])
     return {"split": task["split"], "chunk": task["chunk"], "notes": notes, "bad": bad}
 
 
@@ -262,7 +285,9 @@ def _chunk_rows(c: BuildConfig, n_total: int, workers: int) -> int:
     if row_bytes * 16 > _CHUNK_BYTES:  # large outputs: fewer rows a chunk, so a worker's memory stays bounded
         return max(1, _CHUNK_BYTES // row_bytes)
     rows = max(16, min(4096, _CHUNK_BYTES // row_bytes))
-    return max(16, min(rows, -(-n_total // (4 * workers))))
+    # 16 chunks a worker at least: the last chunks end nearly together (a worker idle while another finishes a
+    # large last chunk costs up to a chunk's time); each chunk costs a few file syncs, a journal line
+    return max(16, min(rows, -(-n_total // (16 * workers))))
 
 
 @contextlib.contextmanager
@@ -408,33 +433,65 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
         work.mkdir(parents=True)
     order = {split: (np.random.default_rng(c.seed).permutation(len(lst.records)) if split == "train"
                      else np.arange(len(lst.records))) for split, lst in splits.items()}
-    done = _read_journal(journal_path)
-    arrays = {}
-    for split, lst in splits.items():
-        for size, method in c.resize.combos:
-            path = work / f"{split}_{size}_{method}.npy"
-            if path.exists():
-                arrays[(split, size, method)] = native.RowArray(str(path), len(lst.records), (size, size, 3))
-            else:  # new, or lost: every chunk of this split is (re)done
-                done = {k: v for k, v in done.items() if k[0] != split}
-                arrays[(split, size, method)] = native.RowArray.create(path, len(lst.records), (size, size, 3))
+    chunk = rows_per_chunk or _chunk_rows(c, total, workers)
+    arrays, sums, done = _work_arrays(c, work, splits, _read_journal(journal_path), chunk)
     if rows_per_chunk is None:
-        rows_per_chunk = _chunk_rows(c, total, workers)
         with atomic_write(plan_path, "w") as f:
-            json.dump({"digest": digest_, "rows_per_chunk": rows_per_chunk}, f)
+            json.dump({"digest": digest_, "rows_per_chunk": chunk}, f)
     tasks = []
     for split, lst in splits.items():
-        n = len(lst.records)
-        for k, a in enumerate(range(0, n, rows_per_chunk)):  # the journal's chunk numbers mean these bounds
+        for k, a in enumerate(range(0, len(lst.records), chunk)):  # the journal's chunk numbers mean these bounds
             if (split, k) not in done:
                 tasks.append({"split": split, "chunk": k, "start": a, "resize": c.resize, "skip_bad": c.skip_bad,
-                              "records": [lst.records[i] for i in order[split][a:a + rows_per_chunk]],
-                              "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos}})
-    with _timed(timings, "resize"):
-        _run_tasks(c, tasks, journal_path, done, total, workers)
-    manifests = _finish(c, out, splits, order, arrays, done, origin, timings)
+                              "records": [lst.records[i] for i in order[split][a:a + chunk]],
+                              "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos},
+                              "sums": sums.get(split)})
+    with _pool(c, workers) as pool:  # one pool: the chunks, then the formats' jobs
+        with _timed(timings, "resize"):
+            _run_tasks(c, pool, tasks, journal_path, done, total, workers)
+        manifests = _finish(c, out, splits, order, arrays, sums, done, origin, pool, timings)
     shutil.rmtree(work)
     return manifests
+
+
+def _work_arrays(c: BuildConfig, work: Path, splits: dict[str, Listing], done: dict,
+                 rows_per_chunk: int) -> tuple[dict, dict, dict]:
+    """The work arrays of every (split, size, method), and the train split's pixel sums (a row per chunk, every
+    output's sums side by side), kept from an interrupted build or created; with the journal's entries of the
+    splits whose files were all kept (a split with a file lost is done again)."""
+    arrays, sums = {}, {}
+    for split, lst in splits.items():
+        n = len(lst.records)
+        want = {(split, s, m): (work / f"{split}_{s}_{m}.npy", n, (s, s, 3), np.uint8) for s, m in c.resize.combos}
+        if split == "train":
+            width = sum(3 * s * s for s, _ in c.resize.combos)
+            want["sums"] = (work / "train_sums.npy", -(-n // rows_per_chunk), (width,), np.int64)
+        if not all(path.exists() for path, *_ in want.values()):  # new, or lost: every chunk is (re)done
+            done = {k: v for k, v in done.items() if k[0] != split}
+        for key, (path, count, shape, dtype) in want.items():
+            a = native.RowArray(str(path), count, shape, np.dtype(dtype).str) if path.exists() else \
+                native.RowArray.create(path, count, shape, dtype)
+            if key == "sums":
+                sums[split] = a
+            else:
+                arrays[key] = a
+    return arrays, sums, done
+
+
+@contextlib.contextmanager
+def _pool(c: BuildConfig, workers: int) -> Iterator[cf.ProcessPoolExecutor]:
+    """The worker processes (spawned as work is submitted); none outlives the build, however it ends."""
+    ctx = multiprocessing.get_context("spawn")  # no inherited file descriptors (the lock) in the workers
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(c.max_image_pixels, os.getpid())) as pool:
+        try:
+            yield pool
+        except cf.process.BrokenProcessPool:
+            raise BuildError("a worker process died (killed, or out of memory); run the same command again to "
+                             "resume") from None
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the jobs in flight finish; no worker outlives us
+            raise
 
 
 def _resume_plan(plan_path: Path, digest_: str, out: Path) -> int:
@@ -467,7 +524,7 @@ def _read_journal(journal_path: Path) -> dict:
     return done
 
 
-def _submit(pool: cf.ProcessPoolExecutor, task: dict) -> cf.Future:
+def _submit(pool: cf.ProcessPoolExecutor, fn, *args) -> cf.Future:
     """``pool.submit``, which may spawn a worker, shielded from Ctrl-C. Ctrl-C goes to the terminal's whole
     process group, workers included: a worker still starting died of it with a traceback of its own, and a
     build interrupted while writing a new worker's start-up data left that worker a traceback ("Ran out of
@@ -478,12 +535,12 @@ def _submit(pool: cf.ProcessPoolExecutor, task: dict) -> cf.Future:
     import threading
 
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return pool.submit(_run_chunk, task)
+        return pool.submit(fn, *args)
     caught: list = []
     previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # what a worker spawned now inherits
     try:
-        future = pool.submit(_run_chunk, task)
+        future = pool.submit(fn, *args)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGINT, previous)
@@ -492,43 +549,38 @@ def _submit(pool: cf.ProcessPoolExecutor, task: dict) -> cf.Future:
     return future
 
 
-def _run_tasks(c: BuildConfig, tasks: list[dict], journal_path: Path, done: dict, total: int, workers: int) -> None:
+def _run_tasks(c: BuildConfig, pool: cf.ProcessPoolExecutor, tasks: list[dict], journal_path: Path, done: dict,
+               total: int, workers: int) -> None:
     from tqdm import tqdm
 
     already = total - sum(len(t["records"]) for t in tasks)
     bar = tqdm(total=total, initial=already, unit="img", disable=c.quiet, smoothing=0.05, desc="build")
-    ctx = multiprocessing.get_context("spawn")  # no inherited file descriptors (the lock) in the workers
-    with open(journal_path, "a") as journal, cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(c.max_image_pixels, os.getpid())) as pool:
-        pending: dict[cf.Future, int] = {}
+    with open(journal_path, "a") as journal:
+        pending: dict[cf.Future, dict] = {}
         it = iter(tasks)
         try:
             while True:
                 while len(pending) < 2 * workers and (t := next(it, None)) is not None:
-                    pending[_submit(pool, t)] = len(t["records"])
+                    pending[_submit(pool, _run_chunk, t)] = t
                 if not pending:
                     break
                 finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for f in finished:
-                    n = pending.pop(f)
-                    res = f.result()
+                    task, res = pending.pop(f), f.result()
                     if "error" in res:
                         raise BuildError(res["error"])
                     if "split" not in res:
                         _, key, why = res["bad"][0]
                         raise BuildError(f"{key}: {why} (--skip-bad skips such files and lists them in the "
                                          "manifest)")
+                    for array in (*task["arrays"].values(), task["sums"]):
+                        if array is not None:
+                            array.sync()  # the chunk's rows durable before the journal says they are written
                     journal.write(json.dumps(res) + "\n")
                     journal.flush()
                     os.fsync(journal.fileno())
                     done[(res["split"], res["chunk"])] = res
-                    bar.update(n)
-        except cf.process.BrokenProcessPool:
-            raise BuildError("a worker process died (killed, or out of memory); run the same command again to "
-                             "resume") from None
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # the chunks in flight finish; no worker outlives us
-            raise
+                    bar.update(len(task["records"]))
         finally:
             bar.close()
 
@@ -552,9 +604,11 @@ def _kept(array: native.RowArray, bad: set[int]) -> native.RowArray:
     return native.RowArray(dst, len(keep), array.row_shape)
 
 
-def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, arrays: dict, done: dict,
-            origin: dict, timings: dict[str, float]) -> dict:
-    """Every requested format of every (size, method), and its manifest; returns the manifests."""
+def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, arrays: dict, sums: dict,
+            done: dict, origin: dict, pool: cf.ProcessPoolExecutor, timings: dict[str, float]) -> dict:
+    """Every requested format of every (size, method), and its manifest; returns the manifests. What reads the
+    rows (the native arrays' checksums, the official batches) runs in the worker pool, the largest job first;
+    meta.json and the manifests are written here once it is done."""
     bad = {split: {pos: (key, why) for e in done.values() if e["split"] == split for pos, key, why in e["bad"]}
            for split in splits}
     if not c.skip_bad and any(bad.values()):
@@ -567,19 +621,77 @@ def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, 
     first = next(iter(splits.values()))
     table = IMAGENET if first.imagenet else ClassTable(tuple(first.wnids), tuple(first.wnids))
     record = _record(c, splits, done, bad, labels, table, origin)
-    manifests = {}
+    train_sum = sums["train"].read_all().sum(axis=0) if "train" in sums else None  # every output's, side by side
+    outputs, at = [], 0
     for size, method in c.resize.combos:
         dst = _combo_dir(out, size, method)
         if dst.exists():
             shutil.rmtree(dst)  # a previous complete build with these settings is replaced whole
         dst.mkdir(parents=True)
+        mean = None
+        if train_sum is not None and len(labels["train"]):  # exact: integer sums, as the official files' mean
+            mean = train_sum[at:at + 3 * size * size].reshape(size, size, 3) / len(labels["train"])
+        at += 3 * size * size
         rows = {split: _kept(arrays[(split, size, method)], set(bad[split])) for split in splits}
-        files = _write_formats(c, dst, rows, labels, table, origin, method, timings)
-        manifest = {"dsimagenet_build": 1, "size": size, "method": method, **record, "files": files}
-        with atomic_write(dst / "manifest.json", "w") as f:
+        outputs.append(_Output(c, dst, method, rows, labels, mean))
+    with _timed(timings, "formats (checksums, official files: in the workers)"):
+        _run_jobs(pool, [job for o in outputs for job in o.jobs()])
+    with _timed(timings, "meta.json and manifests"):
+        return {o.dst.name: o.finish(table, origin, record) for o in outputs}
+
+
+def _run_jobs(pool: cf.ProcessPoolExecutor, jobs: list[tuple[int, Callable, tuple, Callable]]) -> None:
+    """Run (bytes, function, arguments, done) jobs in the worker pool, the largest first (so that the last to
+    end is a small one), and ``done(result)`` here as each one ends."""
+    futures = {_submit(pool, fn, *args): done for _, fn, args, done in sorted(jobs, key=lambda j: -j[0])}
+    for f in cf.as_completed(futures):
+        futures[f](f.result())
+
+
+class _Output:
+    """One (size, method) folder: ``jobs()`` read its rows in the worker pool (the checksums of the native
+    arrays, the official batches); ``finish`` then writes the native meta.json and the manifest."""
+
+    def __init__(self, c: BuildConfig, dst: Path, method: str, rows: dict[str, native.RowArray], labels: dict,
+                 mean: np.ndarray | None):
+        self.c, self.dst, self.method, self.rows, self.labels, self.mean = c, dst, method, rows, labels, mean
+        self.size = next(iter(rows.values())).row_shape[0]
+        kinds = [f for f in c.formats if f != "native"]
+        self.official = {split: official.SplitWriter(dst, split, a.count, self.size, kinds, mean)
+                         for split, a in rows.items()} if kinds else {}
+        self.digests: dict[str, tuple[str, str]] = {}  # split -> sha256 of images.npy's data, of the whole file
+
+    def jobs(self) -> list[tuple[int, Callable, tuple, Callable]]:
+        out = []
+        if "native" in self.c.formats:
+            for split, a in self.rows.items():
+                out.append((a.count * 3 * self.size ** 2, native.array_digests, (a.path,),
+                            functools.partial(self.digests.__setitem__, split)))
+        for split, w in self.official.items():
+            out += [(job.rows.nbytes, job.run, (), w.add) for job in w.jobs(self.rows[split].read_range,
+                                                                          self.labels[split])]
+        return out
+
+    def finish(self, table: ClassTable, origin: dict, record: dict) -> dict:
+        """The native meta.json (the images linked into place), then the manifest; returns the manifest."""
+        files = {}
+        for w in self.official.values():
+            files.update(w.close())
+        if "native" in self.c.formats:
+            writer = native.NativeWriter(self.dst, self.size, list(table.wnids), list(table.names),
+                                         method=self.method, source=json.dumps(origin),
+                                         extra={"aspect": self.c.aspect, "fast": self.c.fast}, mean=self.mean)
+            for split, array in self.rows.items():
+                writer.adopt(split, array.path, self.labels[split], sha256=self.digests[split][0])
+            writer.close()
+            files.update({f"{split}/images.npy": whole for split, (_, whole) in self.digests.items()})
+            files.update({rel: digest(p) for p in self.dst.rglob("*")  # the small files: labels, mean, meta
+                          if p.is_file() and (rel := str(p.relative_to(self.dst))) not in files})
+        files = dict(sorted(files.items(), key=lambda kv: Path(kv[0]).parts))
+        manifest = {"dsimagenet_build": 1, "size": self.size, "method": self.method, **record, "files": files}
+        with atomic_write(self.dst / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=1)
-        manifests[dst.name] = manifest
-    return manifests
+        return manifest
 
 
 def _record(c: BuildConfig, splits: dict[str, Listing], done: dict, bad: dict, labels: dict, table: ClassTable,
@@ -600,32 +712,3 @@ def _record(c: BuildConfig, splits: dict[str, Listing], done: dict, bad: dict, l
         "converted": [list(x) for x in notes], "skipped": [list(x) for x in skipped],
         "ignored": sorted(list(x) for lst in splits.values() for x in lst.ignored),
     }
-
-
-def _write_formats(c: BuildConfig, dst: Path, rows: dict[str, native.RowArray], labels: dict, table: ClassTable,
-                   origin: dict, method: str, timings: dict[str, float]) -> dict[str, str]:
-    """Each requested format of one (size, method) into ``dst``, from the same rows; returns {file: sha256}."""
-    size = next(iter(rows.values())).row_shape[0]
-    files, mean = {}, None
-    if "native" in c.formats:
-        with _timed(timings, "native"):
-            writer = native.NativeWriter(dst, size, list(table.wnids), list(table.names), method=method,
-                                         source=json.dumps(origin), extra={"aspect": c.aspect, "fast": c.fast})
-            for split, array in rows.items():
-                writer.adopt(split, array.path, labels[split])
-            writer.close()
-            mean = writer.mean
-        with _timed(timings, "checksums"):
-            files = {str(p.relative_to(dst)): digest(p) for p in dst.rglob("*") if p.is_file()}
-    kinds = [f for f in c.formats if f != "native"]
-    if kinds:
-        with _timed(timings, "+".join(kinds)):  # their checksums are taken as they are written
-            if mean is None and "train" in rows and len(labels["train"]):
-                mean = native.scan_rows(rows["train"].path, sha256=False)[1] / len(labels["train"])
-            for split, array in rows.items():
-                w = official.SplitWriter(dst, split, array.count, size, kinds, mean)
-                for a in range(0, array.count, _READ_ROWS):
-                    idx = np.arange(a, min(a + _READ_ROWS, array.count))
-                    w.append(array.read(idx), labels[split][idx])
-                files.update(w.close())
-    return dict(sorted(files.items(), key=lambda kv: Path(kv[0]).parts))

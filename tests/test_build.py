@@ -640,3 +640,72 @@ def test_ctrl_c_is_one_interrupt_and_the_build_resumes(rel, tmp_path, moment):
     for combo in ("8_box", "8_bicubic", "16_box", "16_bicubic"):
         a, b = files_of(whole / combo), files_of(out / combo)
         assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json")
+
+
+def test_checksums_means_and_batches_agree_with_the_files(rel, tmp_path):
+    """The manifest's and meta.json's checksums are taken without reading the files back, the mean from the
+    workers' per-chunk sums, and the official batches are streamed from the rows: each checked here against the
+    files themselves (hashlib over their bytes, the mean of the images, batches written from whole arrays)."""
+    import hashlib
+
+    from dsimagenet.formats import official
+
+    build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), val=str(rel.val_tar), sizes=(8, 16),
+                      formats=("native", "pickle", "npz"), chunk_rows=2, workers=2, quiet=True, allow_partial=True))
+    for size in (8, 16):
+        d = tmp_path / "o" / f"{size}_box"
+        manifest, meta = json.loads((d / "manifest.json").read_text()), json.loads((d / "meta.json").read_text())
+        on_disk = {k: hashlib.sha256(v).hexdigest() for k, v in files_of(d).items()}
+        assert manifest["files"] == on_disk
+        for split in ("train", "val"):
+            for name in ("images.npy", "labels.npy"):
+                data = np.load(d / split / name)
+                assert meta["splits"][split]["sha256"][name] == hashlib.sha256(data.tobytes()).hexdigest()
+        images, labels = np.load(d / "train" / "images.npy"), np.load(d / "train" / "labels.npy")
+        mean = images.sum(axis=0, dtype=np.float64) / len(images)
+        np.testing.assert_array_equal(np.load(d / "mean.npy"), mean)
+        val_images, val_labels = np.load(d / "val" / "images.npy"), np.load(d / "val" / "labels.npy")
+        batches = [(f"train_data_batch_{k + 1}", images[a:b], labels[a:b], mean)
+                   for k, (a, b) in enumerate(official.batch_bounds(len(images)))]
+        for name, rows, lab, m in [*batches, ("val_data", val_images, val_labels, None)]:
+            for kind, suffix in (("pickle", ""), ("npz", ".npz")):
+                whole = tmp_path / f"{size}_{name}{suffix}"  # from whole arrays, as numpy and pickle write them
+                official.write_batch(whole, official.nhwc_to_planar(rows), lab,
+                                     None if m is None else official.nhwc_to_planar(m[None])[0], kind)
+                assert whole.read_bytes() == (d / f"{name}{suffix}").read_bytes(), (size, name, kind)
+
+
+def test_a_skipped_image_is_left_out_of_the_mean(tmp_path):
+    src = _bad_release(tmp_path, "text.JPEG", b"not a JPEG\n" * 10)
+    build(BuildConfig(out=str(tmp_path / "o"), train=str(src), sizes=(8,), formats=("native", "pickle"),
+                      skip_bad=True, chunk_rows=2, **QUIET))
+    d = tmp_path / "o" / "8_box"
+    images = np.load(d / "train" / "images.npy")
+    assert len(images) == 3
+    mean = images.sum(axis=0, dtype=np.float64) / 3
+    np.testing.assert_array_equal(np.load(d / "mean.npy"), mean)
+    with open(d / "train_data_batch_10", "rb") as f:
+        np.testing.assert_array_equal(pickle.load(f)["mean"], mean.transpose(2, 0, 1).reshape(-1))
+
+
+def test_a_lost_pixel_sums_file_redoes_the_train_split(rel, tmp_path, monkeypatch):
+    from dsimagenet.formats import official
+
+    common = dict(train=str(rel.train_tar), sizes=(8, 16), formats=("native", "pickle"), chunk_rows=4, **QUIET)
+    build(BuildConfig(out=str(tmp_path / "whole"), **common))
+
+    def interrupted(*a, **k):  # after every chunk is done and journalled
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(official.SplitWriter, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildConfig(out=str(tmp_path / "cut"), **common))
+    monkeypatch.undo()
+    (tmp_path / "cut" / ".build" / "train_sums.npy").unlink()
+    build(BuildConfig(out=str(tmp_path / "cut"), **common))
+    for combo in ("8_box", "16_box"):
+        a, b = files_of(tmp_path / "whole" / combo), files_of(tmp_path / "cut" / combo)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "meta.json"), combo
+        files = [json.loads((tmp_path / o / combo / "manifest.json").read_text())["files"] for o in ("whole", "cut")]
+        assert {k: v for k, v in files[0].items() if k != "meta.json"} == \
+            {k: v for k, v in files[1].items() if k != "meta.json"}

@@ -74,8 +74,9 @@ class RowArray:
             f.truncate(array_bytes(count, a.row_shape, a.dtype))
         return a
 
-    def write_at(self, start: int, rows: np.ndarray, sync: bool = False) -> None:
-        """Rows ``start``.. in place; ``sync`` makes them durable before returning (before a journal says so)."""
+    def write_at(self, start: int, rows: np.ndarray) -> None:
+        """Rows ``start``.. in place; ``sync()``, from any process, makes them durable (before a journal says
+        they are written)."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.row_shape or start < 0 or start + len(rows) > self.count:
             raise ValueError(f"{self.path}: rows {start}..{start + len(rows)} of shape {rows.shape[1:]}, the "
@@ -83,14 +84,33 @@ class RowArray:
         fd = os.open(self.path, os.O_WRONLY)
         try:
             os.pwrite(fd, rows.data, array_bytes(start, self.row_shape, self.dtype))
-            if sync:
-                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sync(self) -> None:
+        """Make every row written so far durable."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
 
     def read(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (ascending), read with plain reads (``read_rows``)."""
+        """Rows ``idx`` (ascending) of a uint8 array, read with plain reads (``read_rows``)."""
         return read_rows(self.path, HEADER_BYTES, self.row_shape, idx)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start``..``stop`` (a picklable reader: ``array.read_range`` can be sent to another process)."""
+        return self.read(np.arange(start, stop))
+
+    def read_all(self) -> np.ndarray:
+        """Every row, of any dtype (small arrays: the build's per-chunk pixel sums)."""
+        n = self.count * int(np.prod(self.row_shape, dtype=np.int64))
+        with open_regular(self.path) as f:
+            out = np.fromfile(f, self.dtype, n, offset=HEADER_BYTES)
+        if out.size != n:
+            raise _bad(Path(self.path), "cut short while being read")
+        return out.reshape(self.count, *self.row_shape)
 
 
 class NpyWriter:
@@ -216,14 +236,31 @@ def scan_rows(path: str | Path, sha256: bool = True) -> tuple[str | None, np.nda
     return (hasher.hexdigest() if hasher is not None else None), pixel_sum
 
 
+def array_digests(path: str | Path) -> tuple[str, str]:
+    """One pass over a checked uint8 (N, S, S, 3) array dsimagenet wrote: the sha256 of its data (what
+    meta.json records) and of the whole file, header included (what a build's manifest records)."""
+    h = read_npy_header(path)
+    if h.dtype != np.uint8 or len(h.shape) != 4:
+        raise _bad(Path(path), f"{h.dtype} {h.shape}: expected uint8 rows of images (N, S, S, 3)")
+    data, whole = hashlib.sha256(), hashlib.sha256()
+    with open_regular(path) as f:
+        whole.update(f.read(h.offset))
+        for chunk in read_chunks(f, int(np.prod(h.shape)), h.offset, short=NativeFormatError):
+            data.update(chunk)
+            whole.update(chunk)
+    return data.hexdigest(), whole.hexdigest()
+
+
 class AdoptedSplit:
     """A split whose images.npy was written elsewhere (the builder's work array): linked into place on close,
-    with its checksum and pixel sums read back in one pass."""
+    with its checksum and pixel sums read back in one pass, unless its ``sha256`` is given (taken elsewhere:
+    the build hashes in its worker processes)."""
 
-    def __init__(self, root: Path, split: str, images_path: str | Path, labels: np.ndarray, label_dtype):
+    def __init__(self, root: Path, split: str, images_path: str | Path, labels: np.ndarray, label_dtype,
+                 sha256: str | None = None):
         self.root, self.split, self.src, self.labels, self.label_dtype = root, split, Path(images_path), labels, \
             label_dtype
-        self.pixel_sum = None
+        self.sha256, self.pixel_sum = sha256, None
 
     def close(self) -> dict:
         dst = self.root / self.split / "images.npy"
@@ -231,7 +268,9 @@ class AdoptedSplit:
         h = read_npy_header(self.src)
         if h.dtype != np.uint8 or len(h.shape) != 4 or h.shape[0] != len(self.labels):
             raise ValueError(f"{self.src}: {h.dtype} {h.shape} for {len(self.labels)} labels")
-        sha, self.pixel_sum = scan_rows(self.src)
+        sha = self.sha256
+        if sha is None:
+            sha, self.pixel_sum = scan_rows(self.src)
         place(self.src, dst)
         labels = NpyWriter(self.root / self.split / "labels.npy", (), self.label_dtype, len(self.labels))
         labels.append(self.labels)
@@ -247,13 +286,14 @@ class NativeWriter:
     meta.json is written only by a clean exit of the ``with`` block; an exception removes the temp files."""
 
     def __init__(self, root: str | Path, image_size: int, wnids: list[str], names: list[str] | None = None,
-                 method: str | None = None, source: str | None = None, extra: dict | None = None):
+                 method: str | None = None, source: str | None = None, extra: dict | None = None,
+                 mean: np.ndarray | None = None):
         self.root, self.size = Path(root), int(image_size)
         self.wnids, self.names = list(wnids), list(names) if names is not None else None
         self.info = {"method": method, "source": source, **(extra or {})}
         self.label_dtype = np.int16 if len(wnids) < 2**15 else np.int32
         self.splits: dict[str, SplitWriter | AdoptedSplit] = {}
-        self.mean: np.ndarray | None = None
+        self.mean = mean  # the train images' mean, when known already (else summed from the train split)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def split(self, name: str, count: int | None = None) -> SplitWriter:
@@ -262,9 +302,10 @@ class NativeWriter:
         self.splits[name] = SplitWriter(self.root, name, self.size, self.label_dtype, count)
         return self.splits[name]
 
-    def adopt(self, name: str, images_path: str | Path, labels: np.ndarray) -> None:
-        """Take an images.npy written elsewhere as split ``name`` (moved into place by ``close``)."""
-        self.splits[name] = AdoptedSplit(self.root, name, images_path, labels, self.label_dtype)
+    def adopt(self, name: str, images_path: str | Path, labels: np.ndarray, sha256: str | None = None) -> None:
+        """Take an images.npy written elsewhere as split ``name`` (linked into place by ``close``); ``sha256``:
+        its data's, when already known (``array_digests``)."""
+        self.splits[name] = AdoptedSplit(self.root, name, images_path, labels, self.label_dtype, sha256)
 
     def __enter__(self) -> NativeWriter:
         return self
@@ -287,7 +328,10 @@ class NativeWriter:
                 "num_classes": len(self.wnids), "wnids": self.wnids, "names": self.names, "splits": splits}
         mean = self.mean
         if mean is None and "train" in self.splits and splits["train"]["count"]:
-            mean = self.splits["train"].pixel_sum / splits["train"]["count"]
+            pixel_sum = self.splits["train"].pixel_sum
+            if pixel_sum is None:  # an adopted split whose checksum came with it
+                pixel_sum = scan_rows(self.splits["train"].src, sha256=False)[1]
+            mean = pixel_sum / splits["train"]["count"]
         self.mean = mean  # what the official files of the same rows carry
         if mean is not None:
             with atomic_write(self.root / "mean.npy") as f:

@@ -394,11 +394,38 @@ def batch_name(split: str, index: int, kind: str) -> str:
 
 # --- writing -----------------------------------------------------------------------------------------------
 
-class _Raw:
-    """Array bytes to be written as one BINBYTES opcode straight from the array's memory."""
+@dataclass(frozen=True)
+class RowSource:
+    """``count`` images of ``size`` px that ``read(a, b)`` gives as NHWC uint8 rows a..b: a batch written from
+    it is never whole in memory (its channel-planar rows are written ``step`` images at a time). Picklable when
+    ``read`` is (a method of a picklable object), so that any process can write the batch."""
 
-    def __init__(self, array: np.ndarray):
-        self.view = memoryview(np.ascontiguousarray(array).reshape(-1))  # 1-D uint8, empty batches too
+    count: int
+    size: int
+    read: Callable[[int, int], np.ndarray]
+    step: int = 0  # images a piece; 0: about 1 MB of them (writes of 25 MB pieces ran at a third of the speed)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * 3 * self.size * self.size
+
+    def planar(self) -> Iterator[np.ndarray]:
+        """The rows, channel-planar (n, 3*S*S), in order, ``step`` at a time."""
+        step = self.step or max(1, (1 << 20) // (3 * self.size * self.size))
+        for a in range(0, self.count, step):
+            yield nhwc_to_planar(self.read(a, min(a + step, self.count)))
+
+
+class _Raw:
+    """Array bytes to be written as one BINBYTES opcode straight from memory, piece by piece."""
+
+    def __init__(self, rows: np.ndarray | RowSource):
+        self.rows, self.nbytes = rows, rows.nbytes
+
+    def pieces(self) -> Iterator[memoryview]:
+        arrays = [self.rows] if isinstance(self.rows, np.ndarray) else self.rows.planar()
+        for a in arrays:
+            yield memoryview(np.ascontiguousarray(a).reshape(-1))  # 1-D uint8, empty batches too
 
 
 # numpy's pickle callables under the names NumPy 1.x writes. NumPy < 1.26 cannot import numpy._core (NumPy 2's
@@ -413,10 +440,13 @@ class _BatchPickler(pickle._Pickler):
     ``ndarray.__reduce__`` makes (1.6 GB per 64 px batch), and numpy is named as NumPy 1.x names it."""
 
     def reducer_override(self, obj):
-        if type(obj) is np.ndarray and obj.dtype == np.uint8 and obj.flags.c_contiguous:
+        if isinstance(obj, RowSource):  # pickled as the uint8 (n, 3*S*S) array it stands for
+            state = (1, (obj.count, 3 * obj.size * obj.size), np.dtype(np.uint8), False, _Raw(obj))
+        elif type(obj) is np.ndarray and obj.dtype == np.uint8 and obj.flags.c_contiguous:
             state = (1, obj.shape, obj.dtype, False, _Raw(obj))
-            return np.ndarray.__reduce__(np.empty(0, np.uint8))[0], (np.ndarray, (0,), b"b"), state
-        return NotImplemented
+        else:
+            return NotImplemented
+        return np.ndarray.__reduce__(np.empty(0, np.uint8))[0], (np.ndarray, (0,), b"b"), state
 
     def save_global(self, obj, name=None):
         alias = _NUMPY1_NAMES.get(id(obj))
@@ -433,25 +463,30 @@ class _BatchPickler(pickle._Pickler):
 
     def save(self, obj, save_persistent_id=True):
         if isinstance(obj, _Raw):
-            n = len(obj.view)
-            if self.proto >= 4:
-                self._write_large_bytes(pickle.BINBYTES8 + n.to_bytes(8, "little"), obj.view)
+            n, pieces = obj.nbytes, obj.pieces()
+            if self.proto >= 4:  # large bytes go outside frames, straight to the file (pickle's own way)
+                self._write_large_bytes(pickle.BINBYTES8 + n.to_bytes(8, "little"), next(pieces, b""))
+                write = self.framer.file_write
             else:
                 self.write(pickle.BINBYTES + n.to_bytes(4, "little"))
-                self.write(obj.view)
+                write = self.write
+            for piece in pieces:
+                write(piece)
             return
         super().save(obj, save_persistent_id)
 
 
-def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np.ndarray | None,
+def write_batch(path: str | Path, rows: np.ndarray | RowSource, labels: np.ndarray, mean: np.ndarray | None,
                 kind: str) -> str:
-    """Write one official batch file atomically: ``rows`` uint8 (n, 3*S*S) channel-planar, ``labels`` 1-based
-    devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val. An empty batch is legal. Returns the
-    file's sha256 (a pickle's taken as it is written; an npz, which zipfile writes with seeks, read back)."""
-    if rows.dtype != np.uint8 or rows.ndim != 2:
+    """Write one official batch file atomically: ``rows`` uint8 (n, 3*S*S) channel-planar (or a ``RowSource``
+    of NHWC images), ``labels`` 1-based devkit IDs, ``mean`` float64 (3*S*S,) for train batches, None for val.
+    An empty batch is legal. Returns the file's sha256 (a pickle's taken as it is written; an npz, which
+    zipfile writes with seeks, read back)."""
+    if not isinstance(rows, RowSource) and (rows.dtype != np.uint8 or rows.ndim != 2):
         raise ValueError(f"rows must be uint8 (n, 3*S*S), not {rows.dtype} {rows.shape}")
+    n = rows.count if isinstance(rows, RowSource) else len(rows)
     if kind == "npz":
-        labels_out = np.asarray(labels, dtype=np.int64).reshape(len(rows))
+        labels_out = np.asarray(labels, dtype=np.int64).reshape(n)
     else:
         labels_out = [int(x) for x in labels]  # a Python list of int, as in the official pickles ([] if empty)
     obj = {"data": rows, "labels": labels_out}
@@ -459,7 +494,7 @@ def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np
         obj["mean"] = np.asarray(mean, dtype=np.float64).reshape(-1)
     with atomic_write(path, "wb+") as f:
         if kind == "npz":
-            np.savez(f, **obj)
+            _savez(f, obj)
             f.flush()
             return digest(f, offset=0)
         # protocol 3, as the originals; BINBYTES holds at most 4 GiB, protocol 4 has BINBYTES8
@@ -468,56 +503,84 @@ def write_batch(path: str | Path, rows: np.ndarray, labels: np.ndarray, mean: np
         return hashed.hexdigest()
 
 
+def _savez(f: IO[bytes], arrays: dict) -> None:
+    """``np.savez(f, **arrays)``, with a ``RowSource`` written a piece at a time (numpy's own calls: a stored
+    zip, one forced-zip64 ``.npy`` member an array)."""
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if not isinstance(value, RowSource):
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                    continue
+                shape = (value.count, 3 * value.size * value.size)
+                np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                              "shape": shape})
+                for piece in value.planar():
+                    member.write(piece)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch of a split, in each kind asked for: ``run()`` writes it, in any process (the job pickles),
+    and returns {file name: sha256}."""
+
+    root: Path
+    names: dict[str, str]  # kind -> file name
+    rows: RowSource
+    labels: np.ndarray
+    mean: np.ndarray | None  # channel-planar, train batches only
+
+    def run(self) -> dict[str, str]:
+        return {name: write_batch(self.root / name, self.rows, self.labels, self.mean, kind)
+                for kind, name in self.names.items()}
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Rows ``start``.. of a reader, as a reader (picklable, unlike a lambda)."""
+
+    read: Callable[[int, int], np.ndarray]
+    start: int
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        return self.read(self.start + a, self.start + b)
+
+
 class SplitWriter:
     """Writes one split as official batch files, in each of ``kinds`` ("pickle", "npz"), from its ``count``
-    images given in order (NHWC, as a build computes them): cut as the official files are (``batch_bounds``:
-    ten train batches, one val_data), each batch written as soon as its rows are in. ``mean`` (S, S, 3) goes
-    into every train batch. ``close()`` returns {file name: sha256}. Memory: one batch."""
+    images (NHWC, as a build computes them), cut as the official files are (``batch_bounds``: ten train
+    batches, one val_data). ``mean`` (S, S, 3) goes into every train batch. ``jobs(read, labels)`` gives one
+    ``BatchJob`` per batch, to run in any process and order; ``add`` takes each one's checksums, ``close()``
+    checks that every file is in and returns {file name: sha256}. Memory: about 1 MB of rows a job."""
 
     def __init__(self, root: str | Path, split: str, count: int, image_size: int, kinds: list[str],
                  mean: np.ndarray | None = None):
-        self.root, self.split, self.kinds, self.size = Path(root), split, list(kinds), image_size
+        self.root, self.split, self.kinds, self.size, self.count = Path(root), split, list(kinds), image_size, count
         self.bounds = batch_bounds(count) if split == "train" else [(0, count)]
         self.mean_rows = nhwc_to_planar(np.asarray(mean)[None])[0] if mean is not None and split == "train" \
             else None
-        self.done, self.checksums = 0, {}  # rows taken, files written
-        self.batch = 0  # the batch being filled
-        self._new_batch()
+        self.checksums: dict[str, str] = {}
 
-    def _new_batch(self) -> None:
-        a, b = self.bounds[self.batch] if self.batch < len(self.bounds) else (self.done, self.done)
-        self.rows = np.empty((b - a, 3 * self.size * self.size), np.uint8)
-        self.labels = np.empty(b - a, np.int64)
+    def jobs(self, read: Callable[[int, int], np.ndarray], labels: np.ndarray) -> list[BatchJob]:
+        """One job per batch; ``read(a, b)`` gives images a..b of the split (NHWC uint8), ``labels`` all
+        ``count`` labels."""
+        if len(labels) != self.count:
+            raise ValueError(f"{self.root}: {len(labels)} {self.split} labels for {self.count} images")
+        out = []
+        for i, (a, b) in enumerate(self.bounds):
+            index = i + 1 if self.split == "train" else 0
+            out.append(BatchJob(self.root, {k: batch_name(self.split, index, k) for k in self.kinds},
+                                RowSource(b - a, self.size, _Slice(read, a)), np.asarray(labels[a:b]),
+                                self.mean_rows))
+        return out
 
-    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """The next images (n, S, S, 3) uint8 and their labels."""
-        while len(images):
-            if self.batch >= len(self.bounds):
-                raise ValueError(f"{self.root}: more than the {self.bounds[-1][1]} {self.split} rows announced")
-            a, b = self.bounds[self.batch]
-            if self.done == b:  # an empty batch (fewer than ten train rows)
-                self._write_batch()
-                continue
-            take = min(len(images), b - self.done)
-            at = self.done - a  # channel-planar rows, transposed straight into the batch (no temporary)
-            self.rows[at: at + take].reshape(take, 3, self.size, self.size)[:] = images[:take].transpose(0, 3, 1, 2)
-            self.labels[at: at + take] = labels[:take]
-            self.done += take
-            images, labels = images[take:], labels[take:]
-            if self.done == b:
-                self._write_batch()
-
-    def _write_batch(self) -> None:
-        index = self.batch + 1 if self.split == "train" else 0
-        for kind in self.kinds:
-            name = batch_name(self.split, index, kind)
-            self.checksums[name] = write_batch(self.root / name, self.rows, self.labels, self.mean_rows, kind)
-        self.batch += 1
-        self._new_batch()
+    def add(self, checksums: dict[str, str]) -> None:
+        """The checksums a finished job returned."""
+        self.checksums.update(checksums)
 
     def close(self) -> dict[str, str]:
-        while self.batch < len(self.bounds) and self.bounds[self.batch][1] == self.done:  # empty batches
-            self._write_batch()
-        if self.batch < len(self.bounds):
-            raise ValueError(f"{self.root}: {self.done} {self.split} rows written of {self.bounds[-1][1]}")
-        return self.checksums
+        index = range(1, len(self.bounds) + 1) if self.split == "train" else [0]
+        missing = [n for i in index for k in self.kinds if (n := batch_name(self.split, i, k)) not in self.checksums]
+        if missing:
+            raise ValueError(f"{self.root}: {', '.join(missing)} not written")
+        return dict(self.checksums)
