@@ -665,3 +665,27 @@ def test_labels_before_the_images_are_no_false_refusal(protocol, kind):
     raw = pickle.dumps({"labels": labels, "data": data, "mean": np.zeros(3)}, protocol=protocol)
     b = read_batch(io.BytesIO(raw), "train_data_batch_1", "pickle")
     np.testing.assert_array_equal(b.labels, lab)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "npz"])
+@pytest.mark.parametrize("n, step", [(0, 0), (1, 0), (37, 5), (37, 37), (37, 100)])
+def test_a_batch_streamed_from_a_row_source_is_the_batch_written_whole(tmp_path, kind, n, step):
+    """The build streams each batch from its work arrays a piece at a time: the file must be byte-identical to
+    the one written from the whole channel-planar array (an empty batch too), and its sha256 the file's."""
+    import hashlib
+
+    size = 4
+    images = np.random.default_rng(n).integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # NHWC, as built
+    labels = np.arange(n) % 1000 + 1
+    mean = np.full(3 * size * size, 127.5)
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    planar = images.transpose(0, 3, 1, 2).reshape(n, 3 * size * size)  # channel-planar rows, by hand
+    h_whole = official.write_batch(whole, planar, labels, mean, kind)
+    source = official.RowSource(n, size, lambda a, b: images[a:b], step)
+    h_streamed = official.write_batch(streamed, source, labels, mean, kind)
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert h_streamed == h_whole == hashlib.sha256(whole.read_bytes()).hexdigest()
+    with open(streamed, "rb") as f:
+        back = official.read_batch(f, str(streamed), kind)
+    np.testing.assert_array_equal(back.data, planar)
+    assert back.labels.tolist() == labels.tolist()
