@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsimagenet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_data_commands(sub)
+    _add_experiment_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub) -> None:
+    """classes, convert, info, build."""
     p = sub.add_parser("classes", help="print the 1000 ILSVRC-2012 classes",
                        description="Print the class table: 0-based label, WNID, devkit ID, name.")
     p.add_argument("--order", choices=["devkit", "sorted"], default="devkit",
@@ -208,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
+    from dsimagenet.build import BuildConfig
+
+    p = sub.add_parser("build", help="build downsampled datasets from ILSVRC-2012 or a class-folder tree",
+                       description="Decode every image once, resize it to every --sizes x --methods exactly as "
+                                   "Pillow does, and write OUT/<size>_<method>/ in the official format and/or "
+                                   "the native one. Resumable: run the same command again after an interruption.")
+    add_config_arguments(p, BuildConfig)
+    p.set_defaults(func=_build)
+
+
+def _add_experiment_commands(sub) -> None:
+    """train, sweep, report, tune, demo."""
     from dsimagenet.recipe import TrainConfig
 
     p = sub.add_parser("train", help="train a Wide ResNet with the paper's recipe",
@@ -218,15 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (or start it if there is none)")
     p.set_defaults(func=_train)
-
-    from dsimagenet.build import BuildConfig
-
-    p = sub.add_parser("build", help="build downsampled datasets from ILSVRC-2012 or a class-folder tree",
-                       description="Decode every image once, resize it to every --sizes x --methods exactly as "
-                                   "Pillow does, and write OUT/<size>_<method>/ in the official format and/or "
-                                   "the native one. Resumable: run the same command again after an interruption.")
-    add_config_arguments(p, BuildConfig)
-    p.set_defaults(func=_build)
 
     p = sub.add_parser("sweep", help="run a grid of training runs",
                        description="Run every combination of --grid (and/or a YAML spec with 'grid' and 'base'), "
@@ -272,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def validate(s: SweepConfig) -> None:
     if s.index >= s.of:
         raise ConfigError(f"--index must be in 0..{s.of - 1} (--of {s.of}), not {s.index}")
     if s.storage is not None:
-        from dsimagenet.tune import check_storage_url
+        from dsimagenet.storage import check_storage_url
 
         check_storage_url(s.storage)
     grid, base = check(s.grid, s.base)
@@ -216,7 +216,7 @@ def _claimed_from_storage(s: SweepConfig, runs: list[tuple[str, TrainConfig]], l
     elsewhere, diverged, failed) ends its trial as pruned."""
     import optuna
 
-    from dsimagenet.tune import open_storage
+    from dsimagenet.storage import open_storage
 
     names = [n for n, _ in runs]
     config_of = dict(runs)

@@ -20,13 +20,13 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsimagenet.errors import ConfigError, DSImageNetError
+from dsimagenet.errors import ConfigError
 from dsimagenet.fields import check, is_int, is_number, option, recipe, text, whole
 from dsimagenet.recipe import TrainConfig
+from dsimagenet.storage import check_storage_url, open_storage  # noqa: F401 - open_storage is tune's API too
 
 TUNED = ("lr", "width", "weight_decay")  # set by each trial; with data, epochs and out never from --base
 
@@ -130,56 +130,12 @@ def validate(c: TuneConfig) -> None:
         _config(c, {"lr": lr, "width": width, "weight_decay": wd}, size, "probe")
 
 
-def check_storage_url(url) -> None:
-    """ConfigError unless ``url`` reads as an Optuna storage: ``journal:PATH`` or an RDB URL whose database kind
-    SQLAlchemy knows (no connection is made)."""
-    usage = "an RDB URL (sqlite:///PATH, postgresql://HOST/DB, mysql://...) or journal:PATH"
-    if not isinstance(url, str) or not url:
-        raise ConfigError(f"--storage must be {usage}, not {url!r}")
-    if url.startswith("journal:"):
-        if not url[len("journal:"):]:
-            raise ConfigError(f"--storage {url}: no journal file after journal:")
-        return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        make_url(url).get_dialect()
-    except ArgumentError as e:
-        raise ConfigError(f"--storage {url}: not {usage} ({e})") from None
-
-
 def storage_url(c: TuneConfig) -> str:
     return c.storage or f"sqlite:///{Path(c.out).resolve() / 'study.db'}"
 
 
 def _storage(c: TuneConfig):
     return open_storage(storage_url(c))
-
-
-def open_storage(url: str):
-    """An Optuna storage from a URL: any RDB URL, or ``journal:PATH`` for a journal file on a shared disk.
-    A URL that does not parse, a database that cannot be opened or reached: DSImageNetError naming the URL."""
-    import optuna
-
-    check_storage_url(url)
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    from sqlalchemy.exc import SQLAlchemyError
-
-    # a trial whose worker was killed stops beating and is run again (Optuna calls heartbeats experimental)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)} \
-            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") else \
-            {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **retry)
-        except (SQLAlchemyError, ImportError, RuntimeError) as e:  # RuntimeError: a schema of another Optuna
-            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise DSImageNetError(f"--storage {url}: cannot open it: {first}") from None
 
 
 def _study(c: TuneConfig):
