@@ -48,7 +48,7 @@ from dsimagenet.labels import IMAGENET, ClassTable
 from dsimagenet.resize import ImageError, Resize, resize_all
 from dsimagenet.sources import folder as folder_source
 from dsimagenet.sources import imagenet as imagenet_source
-from dsimagenet.sources.records import Listing, Record, printable, read_record
+from dsimagenet.sources.records import Listing, OpenFiles, Record, printable, read_record
 from dsimagenet.versions import libjpeg_version, versions
 
 FORMATS = ("pickle", "npz", "native")
@@ -152,7 +152,7 @@ class BuildConfig:
 
 # --- worker side -------------------------------------------------------------------------------------------
 
-_fds: dict[str, int] = {}  # the source files a worker holds open, by path
+_files = OpenFiles()  # the source files a worker holds open (a few, least recently used closed first)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -202,7 +202,7 @@ def _run_chunk(task: dict) -> dict:
     notes, bad = [], []
     for i, rec in enumerate(records):
         try:
-            out, note = resize_all(read_record(rec, _fds), r)
+            out, note = resize_all(read_record(rec, _files), r)
         except ImageError as e:
             bad.append((task["start"] + i, rec.key, str(e)))
             if not task["skip_bad"]:

@@ -321,3 +321,52 @@ def test_a_hidden_class_folder_is_listed_as_ignored_not_dropped_silently(tmp_pat
     assert [r.key for r in listing.records] == ["cat/.h.png", "cat/0.png", "cat/1.png"] and listing.wnids == ["cat"]
     assert sorted(name for name, _ in listing.ignored) == [".DS_Store", ".hidden_class"]
     assert all("hidden" in why for _, why in listing.ignored)
+
+
+def test_open_files_hold_at_most_their_limit_and_read_right(tmp_path):
+    from dsimagenet.sources.records import OpenFiles, Record, read_record
+
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"{i}.bin"
+        p.write_bytes(bytes([i]) * 100)
+        paths.append(str(p))
+    files = OpenFiles(limit=3)
+    for _ in range(2):
+        for i, p in enumerate(paths):
+            assert read_record(Record(f"k{i}", 1, p, 10 + i, 5), files) == bytes([i]) * 5
+            assert len(files.fds) <= 3
+    assert list(files.fds) == paths[-3:]  # the three most recently used
+    held = list(files.fds.values())
+    files.close()
+    assert not files.fds
+    for fd in held:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_folder_of_more_images_than_open_files_allowed_builds(tmp_path):
+    """An extracted folder has more files than a process may hold open (`ulimit -n`): a build reading it
+    must not keep every image file open (before: "[Errno 24] Too many open files" after ~1,000 images)."""
+    import resource
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(150):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+
+    def few_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    r = subprocess.run([sys.executable, "-m", "dsimagenet", "build", "--folder", str(tmp_path / "src"), "--out",
+                        str(tmp_path / "out"), "--sizes", "4", "--workers", "1", "--formats", "native", "--quiet"],
+                       capture_output=True, text=True, preexec_fn=few_files)
+    assert r.returncode == 0, r.stderr
+    from dsimagenet import open_dataset
+
+    assert len(open_dataset(tmp_path / "out" / "4_box")) == 300

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +142,32 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_record(r: Record, fds: dict[str, int]) -> bytes:
-    """The bytes of one image; ``fds`` caches open files per path (one per worker)."""
-    fd = fds.get(r.path)
-    if fd is None:
-        fd = fds[r.path] = os.open(r.path, os.O_RDONLY)
-    data = os.pread(fd, r.size, r.offset)
+class OpenFiles:
+    """The source files one worker reads images from, kept open for the records that follow (a tar's members
+    share one file) but never more than ``limit`` at once, the least recently used closed first: an extracted
+    ImageNet folder holds 1.28 million files, and a process may hold only ``ulimit -n`` of them (often 1024)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = limit
+        self.fds: OrderedDict[str, int] = OrderedDict()
+
+    def fd(self, path: str) -> int:
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            while len(self.fds) >= self.limit:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[path] = fd  # now the most recently used
+        return fd
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
+def read_record(r: Record, files: OpenFiles) -> bytes:
+    """The bytes of one image, read through ``files`` (one per worker)."""
+    data = os.pread(files.fd(r.path), r.size, r.offset)
     if len(data) != r.size:
         raise OSError(f"read {len(data)} of {r.size} bytes: the file was cut short or changed")
     return data
