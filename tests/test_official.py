@@ -547,7 +547,7 @@ def test_batch_bounds():
     assert b[9] == (9 * 128_116, 1_281_167) and b[9][1] - b[9][0] == 128_123
 
 
-# --- H6: what the first hardening let through -------------------------------------------------------------
+# --- what the first hardening let through (found by attacking it) -------------------------------------------
 
 @pytest.mark.parametrize("name, body", [
     ("EMPTY_DICT", pickle.EMPTY_DICT * (2 << 20)),  # 72 bytes of memory each: 140 MB from 2 MB
