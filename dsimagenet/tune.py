@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import csv
 import dataclasses
 import json
-import math
 import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +74,8 @@ class TuneConfig:
         check(self)  # what validate leaves to the declarations (the type of --storage, --study, --base)
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_number(v) and v > 0
 
 
 def validate(c: TuneConfig) -> None:
@@ -93,7 +88,7 @@ def validate(c: TuneConfig) -> None:
     for name, lo in (("trials", 1), ("min_epochs", 1), ("max_epochs", 1), ("reduction_factor", 2),
                      ("workers", 1), ("seed", 0)):
         v = getattr(c, name)
-        if not _int(v) or v < lo:
+        if not is_int(v) or v < lo:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, not {v!r}")
     if c.min_epochs > c.max_epochs:
         raise ConfigError(f"--min-epochs {c.min_epochs} must be at most --max-epochs {c.max_epochs}")
@@ -107,7 +102,7 @@ def validate(c: TuneConfig) -> None:
             raise ConfigError(f"{flag}: the low end {v[0]:g} is above the high end {v[1]:g}")
     if not c.widths or not all(_positive(w) for w in c.widths) or len(set(c.widths)) != len(c.widths):
         raise ConfigError(f"--widths must be one or more different numbers > 0, not {c.widths!r}")
-    if not all(_int(s) and s >= 1 for s in c.sizes) or len(set(c.sizes)) != len(c.sizes):
+    if not all(is_int(s) and s >= 1 for s in c.sizes) or len(set(c.sizes)) != len(c.sizes):
         raise ConfigError(f"--sizes must be different integers >= 1, not {c.sizes!r}")
     if c.sizes and "{size}" not in c.data:
         raise ConfigError("--sizes needs --data with {size} in it (e.g. out/{size}_box)")
