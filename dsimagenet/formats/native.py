@@ -114,8 +114,9 @@ class RowArray:
 
 
 class NpyWriter:
-    """Writes one .npy array of rows to a temp file: appended in order, or placed at row offsets when the
-    count is known. ``close()`` fixes the header, fsyncs and renames; returns the sha256 of the data bytes."""
+    """Writes one .npy array of rows to a temp file, appended in order (rows written at offsets by several
+    processes are a ``RowArray``). ``close()`` fixes the header, fsyncs and renames; returns the sha256 of the
+    data bytes."""
 
     def __init__(self, path: str | Path, row_shape: tuple[int, ...], dtype, count: int | None = None):
         self.path, self.row_shape, self.dtype, self.count = Path(path), tuple(row_shape), np.dtype(dtype), count
@@ -127,7 +128,7 @@ class NpyWriter:
         if count is not None:
             self.f.truncate(HEADER_BYTES + count * self.row_bytes)
         self.rows = 0
-        self.hasher: hashlib._Hash | None = hashlib.sha256()  # valid while rows arrive in order
+        self.hasher = hashlib.sha256()  # rows arrive in order: hashed as they are written
 
     def _check(self, rows: np.ndarray) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
@@ -141,28 +142,17 @@ class NpyWriter:
             raise ValueError(f"{self.path}: more than the {self.count} rows announced")
         self.f.seek(HEADER_BYTES + self.rows * self.row_bytes)
         self.f.write(rows.data)
-        if self.hasher is not None:
-            self.hasher.update(rows.data)
+        self.hasher.update(rows.data)
         self.rows += len(rows)
-
-    def write_at(self, start: int, rows: np.ndarray) -> None:
-        rows = self._check(rows)
-        if self.count is None or start < 0 or start + len(rows) > self.count:
-            raise ValueError(f"{self.path}: rows {start}..{start + len(rows)} outside 0..{self.count}")
-        os.pwrite(self.f.fileno(), rows.data, HEADER_BYTES + start * self.row_bytes)
-        self.hasher = None
 
     def close(self) -> str:
         count = self.count if self.count is not None else self.rows
-        if self.count is not None and self.hasher is not None and self.rows != self.count:
+        if self.count is not None and self.rows != self.count:
             raise ValueError(f"{self.path}: {self.rows} rows written of {self.count}")
         self.f.seek(0)
         self.f.write(npy_header((count, *self.row_shape), self.dtype))
         self.f.flush()
-        if self.hasher is not None:
-            sha = self.hasher.hexdigest()
-        else:  # rows came out of order (write_at): read the data back
-            sha = digest(self.f, offset=HEADER_BYTES, nbytes=count * self.row_bytes, short=NativeFormatError)
+        sha = self.hasher.hexdigest()
         self.f.close()
         commit(self.tmp, self.path)
         return sha
