@@ -29,7 +29,7 @@ bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 lint: $(STAMP)
-	$(BIN)/ruff check dsimagenet tests bench
+	$(BIN)/ruff check src tests bench
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info

@@ -115,7 +115,7 @@ def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_m
     from dsimagenet.model import WideResNet, count_parameters
 
     table = {(int(r["size"]), int(r["depth"]), float(r["width"])): float(r["titan_x_days"]) for r in
-             csv.DictReader(line for line in open(Path(__file__).resolve().parent.parent / "dsimagenet" /
+             csv.DictReader(line for line in open(Path(__file__).resolve().parent.parent / "src" / "dsimagenet" /
                                                   "resources" / "paper_table1.csv") if not line.startswith("#"))}
     rows = []
     print(f"train   on {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 128, bf16, channels_last")
