@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from dsimagenet.cli import main
 
 BIN = Path(sys.executable).parent
@@ -228,3 +230,88 @@ def test_config_errors_from_the_declared_ranges(tmp_path):
     with pytest.raises(ConfigError, match=r"^--fast must be true or false, not 1$"):
         build(out=str(tmp_path / "o"), train="t", fast=1)
     assert not (tmp_path / "o").exists()
+
+
+def _subcommands():
+    import argparse
+
+    from dsimagenet.cli import build_parser
+
+    parser = build_parser()
+    return parser, next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_subcommand_help_says_each_option_once_with_its_default_and_ends_with_examples():
+    """Walks build_parser()'s subcommands (those added later included): every option and positional has a
+    sentence of help; its default is said at most once, never as None or as a Python tuple; each help ends with
+    examples that the parser itself accepts."""
+    import re
+    import shlex
+
+    parser, subs = _subcommands()
+    assert set(subs) >= {"classes", "convert", "info", "build", "train", "sweep", "report", "tune", "demo"}
+    for command, p in [("", parser), *subs.items()]:
+        formatter = p._get_formatter()
+        for a in p._actions:
+            if a.help == "==SUPPRESS==" or a.dest == "command":
+                continue
+            text = formatter._get_help_string(a) % {**vars(a), "prog": p.prog}
+            where = f"{command} {'/'.join(a.option_strings) or a.dest}"
+            assert a.help and len(a.help.split()) >= 2, f"{where}: no help"
+            # the value of a choice named "default" (--compile-mode) is not the word said twice
+            said = re.findall(r"(?<!default: )\bdefault\b", text)
+            assert len(said) <= 1, f"{where}: default said {len(said)} times: {text}"
+            assert "None" not in text, f"{where}: {text}"
+            assert not re.search(r"\((?:'[^']*'|[-\d.e]+),", text), f"{where}: a tuple repr: {text}"
+        help_text = p.format_help()
+        assert " ".join(help_text.split()).count("(default: ") == sum(1 for a in p._actions if "(default: " in
+                                                     formatter._get_help_string(a)), command  # none added twice
+        epilog = p.epilog or ""
+        assert epilog.startswith("examples:\n") and help_text.rstrip().endswith(epilog.splitlines()[-1].strip()), \
+            f"{command}: no examples at the end of its help"
+        lines = [line.strip() for line in epilog.splitlines()[1:]]
+        assert 1 <= len(lines) <= 2, command
+        for line in lines:
+            argv = shlex.split(line)
+            assert argv[0] == "dsimagenet" and (not command or argv[1] == command), line
+            parser.parse_args(argv[1:])  # exits (SystemExit 2) if the example does not parse
+
+
+def test_help_shows_defaults_as_typed_and_once(capsys):
+    """The formatter, on values a user types: a tuple as its items, a switch as on/off, a float as written; a help
+    that says its default keeps its own words; a sweep's flags show the field's default though not given."""
+    import pytest
+
+    for argv in (["build", "--help"], ["sweep", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = " ".join(capsys.readouterr().out.split())  # the wrapping undone
+    assert "output sizes S (S x S) (default: 32)" in out
+    assert "pickle (official), npz, native (default: pickle native)" in out
+    assert "check the official archives' MD5s first (default: off)" in out
+    assert "LOC_val_solution.csv (default: bundled val labels) --sizes" in out
+    assert "epochs after which the step schedule multiplies lr by --gamma (default: 10 20 30)" in out
+    assert "(gradient 2*wd*w) (default: 0.0005)" in out and "channels_last memory format on CUDA (default: on)" in out
+    assert "output folder (default: demo-out)" in out and "epochs of each training run (default: 6)" in out
+
+
+def test_info_is_one_json_document_and_a_readable_table(tmp_path, capsys):
+    import json
+
+    from dsimagenet.formats import native
+
+    w = native.NativeWriter(tmp_path / "ds", 4, ["n01", "n02"], ["a", "b"], method="box",
+                            source=json.dumps({"train": "t.tar", "val": "v.tar"}))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        sw = w.split(split)
+        sw.append(rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), np.arange(n) % 2 + 1)
+    w.close()
+    assert main(["info", str(tmp_path / "ds"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # one document: the source is an object in it, not a string
+    assert doc["source"] == {"train": "t.tar", "val": "v.tar"} and doc["splits"] == {"train": 3, "val": 2}
+    assert main(["info", str(tmp_path / "ds")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "source            train: t.tar, val: v.tar" in lines
+    assert lines[-3:] == ["split  images", "train       3", "val         2"]
+    assert not any("{" in line for line in lines)

@@ -39,20 +39,134 @@ def _info(args: argparse.Namespace) -> int:
 
     from dsimagenet.convert import describe
 
-    info = describe(args.path, check=args.verify)
+    info = info_document(describe(args.path, check=args.verify))
     if args.json:
         print(json.dumps(info, indent=1))
     else:
-        for k, v in info.items():
-            print(f"{k:>16}: {v}")
+        print("\n".join(info_lines(info)))
     bad = isinstance(info.get("checksums"), list)
     return 1 if bad else 0
 
 
+def info_document(info: dict) -> dict:
+    """``describe``'s dict as one JSON document: a value stored as JSON text (a native dataset's ``source``, as
+    the build records it) is decoded into the document rather than nested in it as a string."""
+    import json
+
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except ValueError:  # a path that starts with a bracket: text after all
+                pass
+        out[k] = v
+    return out
+
+
+def _plain(value) -> str:
+    """One value of ``info`` as a person reads it: numbers rounded, mappings as ``key: value, ...``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return " ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in value) or "-"
+        return "\n".join(_plain(v) for v in value) or "-"  # a list of problems: one a line
+    return str(value)
+
+
+def info_lines(info: dict) -> list[str]:
+    """``info`` as text: one ``name  value`` line per entry, then the splits as a table (images per split, and
+    any further count a split records, one column each)."""
+    splits = info.get("splits") if isinstance(info.get("splits"), dict) else {}
+    rows = [(k.replace("_", " "), _plain(v)) for k, v in info.items() if not (k == "splits" and splits)]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = []
+    for k, v in rows:
+        first, *rest = v.splitlines() or [""]
+        lines += [f"{k:<{width}}  {first}"] + [f"{'':<{width}}  {r}" for r in rest]
+    if splits:
+        cols = ["images"] + sorted({c for v in splits.values() if isinstance(v, dict) for c in v} - {"count"})
+        table = [["split", *cols]] + [
+            [name, *(_plain(v.get("count" if c == "images" else c)) if isinstance(v, dict)
+                     else _plain(v) if c == "images" else "" for c in cols)] for name, v in splits.items()]
+        widths = [max(len(r[i]) for r in table) for i in range(len(cols) + 1)]
+        lines.append("")
+        lines += ["  ".join([r[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(r[1:], widths[1:], strict=True)])
+                  for r in table]
+    return lines
+
+
+def shown(value) -> str:
+    """A default as a user types it: ``16 32`` for a tuple, ``on``/``off`` for a switch, ``0.0005`` for 5e-4."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(shown(v) for v in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:.15g}"
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help says its default once, as typed on the command line: appended as ``(default: X)``
+    unless the help already says it (``default:``), left out where there is nothing to show (None, a switch
+    that is off unless given). Descriptions and epilogs are filled, except indented lines (examples), kept as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").removesuffix(" (default: %(default)s)")  # Python < 3.11's BooleanOptionalAction
+        default = getattr(action, "shown_default", action.default)  # a sweep's flags: the value when not given
+        if (not action.option_strings or "default" in text or default is None or default is argparse.SUPPRESS
+                or action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)):
+            return text  # a positional, said already, nothing to show, or store_true/version/help
+        return text + f" (default: {shown(default).replace('%', '%%')})"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out, para = [], []
+        for line in text.splitlines() + [""]:
+            if line.strip() and not line[:1].isspace():
+                para.append(line.strip())
+                continue
+            if para:
+                out.append(textwrap.fill(" ".join(para), width, initial_indent=indent, subsequent_indent=indent))
+                para = []
+            if line.strip():
+                out.append(indent + line)
+            elif out and out[-1]:
+                out.append("")
+        return "\n".join(out).rstrip("\n")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with the HelpFormatter; its subcommands' parsers are of this class too (add_subparsers makes
+    them of the parent's), so a subcommand added anywhere gets the same help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def examples(*lines: str) -> str:
+    """A subcommand's epilog: its example command lines (tests/test_cli.py parses each)."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), only_given: bool = False) -> None:
     """One flag per field of the dataclass ``cls`` (--batch-size for batch_size), its type, choices and help
-    from the field's declaration (dsimagenet.fields). ``only_given``: flags not on the command line stay out of
-    the namespace (a sweep's base)."""
+    from the field's declaration (dsimagenet.fields); the help formatter shows its default. ``only_given``:
+    flags not on the command line stay out of the namespace (a sweep's base), and the help shows the field's
+    default, the value a run takes when nothing else sets it."""
     import dataclasses
     import typing
 
@@ -70,8 +184,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), only_giv
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
-            if "default" not in kwargs["help"]:  # a help that says its default says it better
-                kwargs["help"] += f" (default: {f.default})"
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:
@@ -80,7 +192,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), only_giv
             kwargs["type"] = base
             if f.name in choices_:
                 kwargs["choices"] = choices_[f.name]
-        parser.add_argument(flag(f.name), **kwargs)
+        action = parser.add_argument(flag(f.name), **kwargs)
+        if only_given and f.default is not dataclasses.MISSING:
+            action.shown_default = f.default
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -178,8 +292,9 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from dsimagenet import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="dsimagenet", description="Downsampled ImageNet: build, load, train, experiment.")
+    parser = ArgumentParser(
+        prog="dsimagenet", description="Downsampled ImageNet: build, load, train, experiment.",
+        epilog=examples("dsimagenet demo", "dsimagenet train --data out/32_box --out runs/wrn-28-2 --width 2"))
     parser.add_argument("--version", action="version", version=f"dsimagenet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -191,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_commands(sub) -> None:
     """classes, convert, info, build."""
     p = sub.add_parser("classes", help="print the 1000 ILSVRC-2012 classes",
-                       description="Print the class table: 0-based label, WNID, devkit ID, name.")
+                       description="Print the class table: 0-based label, WNID, devkit ID, name.",
+                       epilog=examples("dsimagenet classes --order sorted", "dsimagenet classes --csv"))
     p.add_argument("--order", choices=["devkit", "sorted"], default="devkit",
                    help="devkit: the official files' order (kit fox first); sorted: torchvision's (tench first)")
     p.add_argument("--csv", action="store_true", help="comma-separated, with a header")
@@ -199,20 +315,23 @@ def _add_data_commands(sub) -> None:
 
     p = sub.add_parser("convert", help="convert a dataset between official pickle, npz and native formats",
                        description="Stream SRC (a folder of official pickles or npz, their zips, or a native "
-                                   "dataset) into OUT, one batch file at a time.")
+                                   "dataset) into OUT, one batch file at a time.",
+                       epilog=examples("dsimagenet convert Imagenet32_train --out i32-native",
+                                       "dsimagenet convert out/32_box --out out/32_box_npz --formats npz"))
     p.add_argument("src", help="dataset folder or official zip")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--formats", default="native", help="comma-separated: native,pickle,npz (default native)")
+    p.add_argument("--formats", default="native", help="the formats to write, comma-separated: native, pickle, npz")
     p.add_argument("--src-format", choices=["native", "pickle", "npz"],
                    help="which files of SRC to read when it holds several formats")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("info", help="describe a dataset: format, size, splits, counts, classes, mean",
                        description="Print what a dataset is; --verify also checks its sha256 checksums "
-                                   "(native) or reads every batch file (official).")
-    p.add_argument("path")
+                                   "(native) or reads every batch file (official).",
+                       epilog=examples("dsimagenet info out/32_box", "dsimagenet info Imagenet32_val.zip --json"))
+    p.add_argument("path", help="a dataset folder (native, official pickles or npz) or an official zip")
     p.add_argument("--verify", action="store_true", help="recompute checksums; exit 1 if any fails")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=_info)
 
     from dsimagenet.build import BuildConfig
@@ -220,7 +339,10 @@ def _add_data_commands(sub) -> None:
     p = sub.add_parser("build", help="build downsampled datasets from ILSVRC-2012 or a class-folder tree",
                        description="Decode every image once, resize it to every --sizes x --methods exactly as "
                                    "Pillow does, and write OUT/<size>_<method>/ in the official format and/or "
-                                   "the native one. Resumable: run the same command again after an interruption.")
+                                   "the native one. Resumable: run the same command again after an interruption.",
+                       epilog=examples("dsimagenet build --train ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar "
+                                       "--out out --sizes 16 32 64",
+                                       "dsimagenet build --folder photos --out out --sizes 32 --methods box nearest"))
     add_config_arguments(p, BuildConfig)
     p.set_defaults(func=_build)
 
@@ -232,7 +354,9 @@ def _add_experiment_commands(sub) -> None:
     p = sub.add_parser("train", help="train a Wide ResNet with the paper's recipe",
                        description="Train WRN-N-k on a downsampled ImageNet with the paper's recipe (SGD, momentum "
                                    "0.9, batch 128, lr 0.01 x0.2 after epochs 10/20/30, 40 epochs). Run with "
-                                   "torchrun --nproc_per_node=K -m dsimagenet train ... for several GPUs.")
+                                   "torchrun --nproc_per_node=K -m dsimagenet train ... for several GPUs.",
+                       epilog=examples("dsimagenet train --data out/32_box --out runs/wrn-28-2 --width 2",
+                                       "dsimagenet train --data out/32_box --out runs/wrn-28-2 --width 2 --resume"))
     add_config_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (or start it if there is none)")
@@ -245,9 +369,14 @@ def _add_experiment_commands(sub) -> None:
                                    "resumed, diverged ones kept as diverged; a run is never run twice. Runs made "
                                    "before with other settings are refused, except more --epochs of a step or sgdr "
                                    "schedule, which continue them. A run that fails is recorded in results.csv and "
-                                   "the others go on; the exit status is then 1.")
+                                   "the others go on; the exit status is then 1. A train flag not given takes the "
+                                   "spec's base value, else the default shown below.",
+                       epilog=examples('dsimagenet sweep --grid "lr=0.01,0.05 width=1,2" --data out/16_box '
+                                       '--epochs 10 --out sweeps/lr',
+                                       "dsimagenet sweep spec.yaml --out sweeps/paper --jobs 2"))
     p.add_argument("spec", nargs="?", help="YAML file: grid: {name: [values]}, base: {train flags}")
-    p.add_argument("--grid", help='e.g. "method=box,nearest lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
+    p.add_argument("--grid", help='the grid, space-separated NAME=VALUE,VALUE,...: e.g. "method=box,nearest '
+                                  'lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
     p.add_argument("--out", required=True, help="the sweep directory")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
     p.add_argument("--index", type=int, default=0, help="this worker's index in a job array (0-based)")
@@ -259,7 +388,9 @@ def _add_experiment_commands(sub) -> None:
 
     p = sub.add_parser("report", help="the paper's tables and figures from runs, and an HTML page",
                        description="Table 1 (Markdown, CSV, LaTeX) beside the paper's, learning-rate rank "
-                                   "correlations, Figs. 1-7 as the runs allow, and a self-contained index.html.")
+                                   "correlations, Figs. 1-7 as the runs allow, and a self-contained index.html.",
+                       epilog=examples("dsimagenet report sweeps/lr --out report",
+                                       "dsimagenet report runs/wrn-28-2 sweeps/paper --out report"))
     p.add_argument("runs", nargs="+", help="run directories or folders holding them")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=_report)
@@ -270,7 +401,9 @@ def _add_experiment_commands(sub) -> None:
                        description="Search learning rate, width, weight decay and (with --sizes) resolution with "
                                    "Optuna's TPE sampler and Hyperband pruner, epochs as the fidelity. The study "
                                    "lives in --storage (default OUT/study.db): rerun to continue it; point workers "
-                                   "on other machines at the same storage to share it.")
+                                   "on other machines at the same storage to share it.",
+                       epilog=examples("dsimagenet tune --data out/16_box --out tune16 --trials 30 --max-epochs 10",
+                                       "dsimagenet tune --data 'out/{size}_box' --sizes 16 32 --out tune --workers 2"))
     add_config_arguments(p, TuneConfig, skip=("base",))
     add_config_arguments(p, TrainConfig, skip=TUNE_OWN, only_given=True)
     p.set_defaults(func=_tune)
@@ -278,9 +411,10 @@ def _add_experiment_commands(sub) -> None:
     p = sub.add_parser("demo", help="run the whole flow offline on a built-in example",
                        description="Write a small synthetic ILSVRC-2012 release in the real layout, build it at "
                                    "16 and 32 px with box and nearest, train WRN-20-1 on it and check that it is "
-                                   "far above chance.")
-    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--epochs", type=int, default=6)
+                                   "far above chance.",
+                       epilog=examples("dsimagenet demo", "dsimagenet demo --out /tmp/demo --epochs 3"))
+    p.add_argument("--out", default="demo-out", help="output folder")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each training run")
     p.set_defaults(func=_demo)
 
 
