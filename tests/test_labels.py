@@ -90,3 +90,13 @@ def test_subset_sorted_and_wnid_list():
 def test_subset_rejects(bad):
     with pytest.raises(ConfigError):  # one line from the CLI, never a traceback
         labels.subset(bad)
+
+
+def test_a_subset_and_a_class_table_repr_is_one_line():
+    from dsimagenet.labels import IMAGENET, ClassTable, subset
+
+    assert repr(subset(10)) == ("ClassSubset(10 of 1,000 classes: n02119789 kit fox, n02100735 English setter, "
+                                "n02110185 Siberian husky, ..., n02123394 Persian cat)")
+    assert repr(subset(["n01440764"])) == "ClassSubset(1 of 1,000 classes: n01440764 tench)"
+    assert "\n" not in repr(IMAGENET) and repr(IMAGENET).startswith("ClassTable(1,000 classes: n02119789 kit fox")
+    assert repr(ClassTable(("cat",), ("cat",))) == "ClassTable(1 class: cat)"  # a folder's class: no name twice

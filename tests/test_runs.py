@@ -150,3 +150,45 @@ def test_the_format_version_is_written_and_checked_on_read(tmp_path):
             load_run(path)
         with pytest.raises(RunError, match="r/config.json"):
             load_runs([tmp_path], finished_only=False)
+
+
+def test_percent_rounds_to_what_n_images_measure_and_gives_k_back():
+    from dsimagenet.runs import percent
+
+    assert 100 * (1 - 91 / 100) == 8.999999999999996  # what result.json held for 9 wrong of 100
+    assert percent(9, 100) == 9.0 and percent(1, 3) == 33.3  # 1 decimal at least
+    assert percent(1, 50_000) == 0.002 and percent(12_345, 50_000) == 24.69  # steps of 0.002: 3 decimals
+    assert percent(1, 10_000) == 0.01 and percent(3, 7_000) == 0.04  # steps of 100/7000 = 0.0143: 2 decimals
+    for n in (7, 13, 100, 999, 1_000, 1_001, 10_000, 49_999, 50_000, 123_457):  # k comes back from the value
+        for k in {0, 1, 2, n // 3, n // 2, n - 1, n}:
+            assert round(percent(k, n) * n / 100) == k, (k, n)
+            assert len(repr(percent(k, n)).split(".")[1]) <= max(1, len(str(n)) - 2), (k, n)
+
+
+def test_a_run_repr_is_one_line_and_runs_table_is_flat_rows(tmp_path):
+    import csv
+    import io
+
+    from dsimagenet import runs_table
+
+    done = {"status": "finished", "top1_error": 41.25, "top5_error": 12.5, "params": 1234, "epochs": 3,
+            "train_seconds": 1.5, "val_images": 400}
+    make_run(tmp_path / "a", result=done)
+    make_run(tmp_path / "b")  # unfinished: no result values
+    a, b = load_runs(tmp_path, finished_only=False)
+    assert repr(a) == (f"Run({tmp_path / 'a'}: finished, WRN-8-0.5, 16 px box 7 classes, 3 epochs, lr 0.05, "
+                       "top-1 error 41.25%)")
+    assert repr(b) == f"Run({tmp_path / 'b'}: unfinished, WRN-8-0.5, 16 px box 7 classes, 3 epochs, lr 0.05)"
+    rows = runs_table([a, b])
+    assert [r["run"] for r in rows] == [str(a.path), str(b.path)] and [r["status"] for r in rows] == \
+        ["finished", "unfinished"]
+    assert rows[0].keys() == rows[1].keys()  # one set of columns
+    assert rows[0]["lr"] == 0.05 and rows[0]["milestones"] == "2 3" and rows[0]["num_classes"] == CLASSES
+    assert rows[0]["top1_error"] == 41.25 and rows[1]["top1_error"] is None and rows[0]["val_images"] == 400
+    assert all(not isinstance(v, (list, tuple, dict)) for r in rows for v in r.values())
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    assert list(csv.DictReader(io.StringIO(f.getvalue())))[0]["top1_error"] == "41.25"
+    assert runs_table([]) == []

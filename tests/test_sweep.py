@@ -449,3 +449,23 @@ def test_results_csv_has_the_errors_after_the_runs_report_epoch(tmp_path):
     assert (rows[0]["top1_error_ep1"], rows[0]["top5_error_ep1"]) == (str(first["top1_error"]),
                                                                       str(first["top5_error"]))
     assert "top1_error_ep31" not in rows[0]  # no column for an epoch no run reports
+
+
+def test_results_csv_writes_what_was_measured_not_float_noise(tmp_path):
+    """A run written before results were rounded holds 100 * (1 - 91/100) = 8.999999999999996: results.csv says
+    9.0; a rounded one (runs.percent) is written as it is."""
+    from dsimagenet.runs import config_record
+    from dsimagenet.sweep import write_results_csv
+
+    for name, top1 in (("old", 100 * (1 - 91 / 100)), ("new", 33.3)):
+        run = tmp_path / name
+        run.mkdir()
+        c = TrainConfig(data="d", out=str(run), epochs=1, depth=6)
+        (run / "config.json").write_text(json.dumps(config_record(c, depth=6, image_size=8, num_classes=4)))
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "top1_error": top1, "top5_error": 0.0}) + "\n")
+        (run / "result.json").write_text(json.dumps({"status": "finished", "top1_error": top1, "top5_error": 0.0,
+                                                     "epochs": 1, "train_seconds": 0.1 + 0.2}))
+    rows = {r["run"]: r for r in csv.DictReader(open(write_results_csv(tmp_path)))}
+    assert rows["old"]["top1_error"] == "9.0" and rows["new"]["top1_error"] == "33.3"
+    assert rows["old"]["train_seconds"] == "0.3"  # 0.30000000000000004
+    assert "99999" not in (tmp_path / "results.csv").read_text()

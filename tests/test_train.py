@@ -85,6 +85,14 @@ def test_report_epoch(learnable, tmp_path):
     result = train(TrainConfig(data=str(learnable), out=str(tmp_path / "run"), epochs=3, report_epoch=2, **FAST))
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result["top1_error_ep2"] == metrics[1]["top1_error"]
+    # errors are k wrong of the 32 val images, to the decimals 32 images justify (1): k from per_class.csv
+    rows = [r.split(",") for r in (tmp_path / "run" / "per_class.csv").read_text().splitlines()[1:]]
+    wrong = sum(int(r[3]) - round(float(r[4]) * int(r[3]) / 100) for r in rows if int(r[3]))
+    assert result["val_images"] == 32 and result["top1_error"] == round(100 * wrong / 32, 1)
+    for m in (*metrics, result):
+        for key in ("top1_error", "top5_error", "train_error"):
+            if key in m:
+                assert m[key] == round(m[key], 1), (key, m[key])  # 128 train samples (each mirrored): 1 too
 
 
 def _cli(learnable, out, *extra):

@@ -1,7 +1,7 @@
 """dsimagenet: downsampled ImageNet (Chrabaszcz, Loshchilov, Hutter, 2017), built, loaded and trained on.
 
 The public API is re-exported here; each module's docstring says how to use it. What needs torch (Loader,
-WideResNet, TrainConfig, train, load_runs) is imported on first use, so ``import dsimagenet`` stays light.
+WideResNet, TrainConfig, train, load_runs, runs_table) is imported on first use, so ``import dsimagenet`` stays light.
 """
 
 __version__ = "0.1.0"
@@ -12,7 +12,7 @@ from dsimagenet.dataset import ImageNetDS, detect_format, open_dataset
 from dsimagenet.labels import IMAGENET, ClassSubset, ClassTable, subset, val_ground_truth, val_label
 
 _LAZY = {"Loader": "dsimagenet.data", "WideResNet": "dsimagenet.model", "TrainConfig": "dsimagenet.train",
-         "train": "dsimagenet.train", "load_runs": "dsimagenet.runs"}
+         "train": "dsimagenet.train", "load_runs": "dsimagenet.runs", "runs_table": "dsimagenet.runs"}
 
 
 def __getattr__(name):
@@ -25,4 +25,4 @@ def __getattr__(name):
 
 __all__ = ["IMAGENET", "BuildConfig", "ClassSubset", "ClassTable", "ImageNetDS", "Loader", "TrainConfig",
            "WideResNet", "build", "convert", "describe", "detect_format", "load_runs", "open_dataset", "subset",
-           "train", "val_ground_truth", "val_label", "__version__"]
+           "runs_table", "train", "val_ground_truth", "val_label", "__version__"]

@@ -61,6 +61,9 @@ class ClassTable:
     def __len__(self) -> int:
         return len(self.wnids)
 
+    def __repr__(self) -> str:  # one line: the dataclass's would list every WNID and name
+        return f"ClassTable({_some(self.wnids, self.name)})"
+
     def __contains__(self, wnid: object) -> bool:
         return wnid in self._devkit_of
 
@@ -162,6 +165,17 @@ def val_label(filename: str) -> int:
     return int(_val_ground_truth()[int(number) - 1])
 
 
+def _some(wnids: Sequence[str], name, of: int | None = None, shown: int = 3) -> str:
+    """``10 of 1,000 classes: n02119789 kit fox, n02100735 English setter, ..., n03000134 chainlink fence``."""
+    def one(w: str) -> str:
+        return f"{w} {name(w)}" if name(w) != w else w
+
+    some = [one(w) for w in wnids] if len(wnids) <= shown + 1 else \
+        [*(one(w) for w in wnids[:shown]), "...", one(wnids[-1])]
+    count = f"{len(wnids):,}" + (f" of {of:,}" if of is not None else "")
+    return f"{count} {'class' if len(wnids) == 1 and of is None else 'classes'}: " + ", ".join(some)
+
+
 @dataclass(frozen=True)
 class ClassSubset:
     """The classes kept, in their new label order: class ``wnids[i]`` gets label ``i``."""
@@ -171,6 +185,9 @@ class ClassSubset:
 
     def __len__(self) -> int:
         return len(self.wnids)
+
+    def __repr__(self) -> str:  # one line: which classes, of how many
+        return f"ClassSubset({_some(self.wnids, self.table.name, len(self.table))})"
 
     @functools.cached_property
     def devkit_ids(self) -> np.ndarray:

@@ -4,7 +4,8 @@
                           fingerprint, and what the data decided (image size, depth, classes, method)
     RUN/metrics.jsonl     one JSON line per epoch: lr, train loss/error, val loss, top-1/top-5 error, seconds
     RUN/per_class.csv     final per-class top-1/top-5 accuracy on val
-    RUN/result.json       "status": "finished" with the final and epoch-31 errors (percent), params, epochs, train
+    RUN/result.json       "status": "finished" with the final and epoch-31 errors (percent, to the decimals the
+                          number of val images justifies: ``percent``), val images, params, epochs, train
                           seconds, images/s; or "status": "diverged" with the epoch, step and message
     RUN/checkpoint.pt     the latest checkpoint (written atomically; loaded with weights_only=True)
     RUN/.run.lock         held (flock) by the one process that trains the run; the kernel frees it when that
@@ -242,6 +243,33 @@ class Run:
     result: dict | None
     metrics: list[dict] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        """One line: where, what state, what was trained and its result (read leniently: a damaged config.json
+        still has a repr)."""
+        stored = self.config.get("config") if isinstance(self.config.get("config"), dict) else {}
+        try:
+            status = self.status
+        except RunError:
+            status = "damaged"
+        parts = [f"{self.path}: {status}"]
+        depth, width = self.config.get("depth"), stored.get("width")
+        if depth is not None and isinstance(width, (int, float)):
+            parts.append(f"WRN-{depth}-{width:g}")
+        size = self.config.get("image_size")
+        data = " ".join(str(x) for x in (f"{size} px" if size else None, self.config.get("method"),
+                                         f"{self.config['num_classes']} classes" if self.config.get("num_classes")
+                                         else None) if x)
+        if data:
+            parts.append(data)
+        if "epochs" in stored:
+            parts.append(plural(stored["epochs"], "epoch"))
+        if isinstance(stored.get("lr"), (int, float)):
+            parts.append(f"lr {stored['lr']:g}")
+        res = self.result or {}
+        if status == "finished" and isinstance(res.get("top1_error"), (int, float)):
+            parts.append(f"top-1 error {res['top1_error']:.2f}%")
+        return f"Run({', '.join(parts)})"
+
     @property
     def status(self) -> str:
         """"finished", "diverged" or "unfinished", from result.json (one without "status" is from before it
@@ -376,6 +404,56 @@ def find_runs(paths) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p}: no such run directory")
     return sorted(found)
+
+
+def percent(k: float, n: float) -> float:
+    """``100 * k / n`` (an error of k wrong of n images, in percent) to the decimals n justifies: the fewest
+    (at least 1) with a step of at most 100 / n, so that ``round(value * n / 100)`` gives k back, and no
+    ``8.999999999999996`` is written. ``n`` 0: NaN."""
+    if not n:
+        return math.nan
+    return round(100 * k / n, max(1, math.ceil(math.log10(n / 100))))
+
+
+def measured(x: float, digits: int = 6) -> float:
+    """A measured float (a loss, a rate) to ``digits`` significant digits: what it can claim, and readable."""
+    return float(f"{x:.{digits}g}")
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``: a count and its noun, agreed."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
+def runs_table(runs: list[Run]) -> list[dict]:
+    """``load_runs(...)`` as a table: one flat dict per run, every dict with the same keys (None where a run has
+    no value), ready for ``csv.DictWriter`` or ``pandas.DataFrame``: run (its path), status, every TrainConfig
+    field (a list as space-separated values: ``milestones`` "10 20 30"), what the data decided (image_size, depth,
+    num_classes, method, params, device, world_size), and result.json's values (errors, epochs, seconds...).
+
+        >>> import pandas as pd
+        >>> pd.DataFrame(dsimagenet.runs_table(dsimagenet.load_runs(["sweep/"])))
+    """
+    def flat(v):
+        if isinstance(v, (list, tuple)):
+            return " ".join(str(x) for x in v)
+        return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+
+    rows = []
+    for r in runs:
+        try:
+            status = r.status
+        except RunError:
+            status = "damaged"
+        row = {"run": str(r.path), "status": status}
+        stored = r.config.get("config")
+        row.update({k: flat(v) for k, v in (stored if isinstance(stored, dict) else {}).items()})
+        row.update({k: flat(r.config.get(k)) for k in ("image_size", "depth", "num_classes", "method", "params",
+                                                        "device", "world_size") if k in r.config})
+        row.update({k: flat(v) for k, v in (r.result or {}).items() if k != "status"})
+        rows.append(row)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k) for k in keys} for row in rows]
 
 
 def load_runs(paths, finished_only: bool = True) -> list[Run]:

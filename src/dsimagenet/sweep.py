@@ -315,6 +315,12 @@ def _held(lock: Path) -> bool:
         os.close(fd)
 
 
+def _short(value):
+    """A result value for results.csv: a float at most 10 significant digits, so that a run written before results
+    were rounded (runs.percent) shows 9 where its result.json holds 8.999999999999996."""
+    return float(f"{value:.10g}") if isinstance(value, float) else value
+
+
 def _row_of(out: Path, cols: list[str]) -> tuple[dict, int | None]:
     """One results.csv row from a run directory (or the lack of one), and the run's report epoch if known."""
     row, report_epoch = {"run": out.name}, None
@@ -326,7 +332,7 @@ def _row_of(out: Path, cols: list[str]) -> tuple[dict, int | None]:
             report_epoch = tc.report_epoch
             row.update(status=r.status, data=tc.data, **{c: _setting(r, c) for c in cols})
             if r.status == "finished":
-                row.update({k: r.result.get(k, "") for k in result_keys([report_epoch])})
+                row.update({k: _short(r.result.get(k, "")) for k in result_keys([report_epoch])})
             elif r.status == "diverged":
                 res = r.result or {}
                 row["message"] = res.get("message") or f"diverged at epoch {res.get('epoch')} step {res.get('step')}"

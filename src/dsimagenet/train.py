@@ -359,10 +359,10 @@ def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict
     bad = non_finite(p.model.state_dict())  # an infinite BN variance leaves the losses finite, and meaningless
     if bad is not None:
         _diverged(p, epoch, p.steps, f"{bad} holds NaN or infinite values")
-    line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, p.steps), "train_loss": sums[0] / sums[2],
-            "train_error": 100 * (1 - sums[1] / sums[2]), "val_loss": ev["val_loss"],
-            "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "train_seconds": at.train_seconds,
-            "images_per_s": at.images_seen / at.train_seconds}
+    line = {"epoch": epoch + 1, "lr": learning_rate(c, epoch, 0, p.steps),
+            "train_loss": runs.measured(sums[0] / sums[2]), "train_error": runs.percent(sums[2] - sums[1], sums[2]),
+            "val_loss": ev["val_loss"], "top1_error": ev["top1_error"], "top5_error": ev["top5_error"],
+            "train_seconds": round(at.train_seconds, 3), "images_per_s": round(at.images_seen / at.train_seconds, 1)}
     at.sums.zero_()
     at.since = time.perf_counter()  # checkpoint() adds the time since then to train_seconds
     if d.main:
@@ -453,9 +453,9 @@ def _result(p: Parts, at: Progress, metrics: list[dict]) -> dict:
     c, final = p.config, metrics[-1]
     result = {"status": "finished", "top1_error": final["top1_error"], "top5_error": final["top5_error"],
               "params": p.params, "epochs": c.epochs, "depth": p.model.depth, "width": c.width,
-              "image_size": p.model.image_size, "train_seconds": at.train_seconds,
-              "train_images_per_s": at.images_seen / at.train_seconds, "device": str(p.device),
-              "world_size": p.dist.world}
+              "image_size": p.model.image_size, "train_seconds": round(at.train_seconds, 3),
+              "train_images_per_s": round(at.images_seen / at.train_seconds, 1), "device": str(p.device),
+              "world_size": p.dist.world, "val_images": len(p.val_ds)}  # errors are k wrong of these, in percent
     at_report = [m for m in metrics if m["epoch"] == c.report_epoch]
     if at_report:
         result[f"top1_error_ep{c.report_epoch}"] = at_report[0]["top1_error"]
@@ -524,7 +524,8 @@ def evaluate(model: nn.Module, loader: Loader, num_classes: int, amp: bool, d: D
     d.all_reduce(per_class)
     n = per_class[0].sum().item()
     loss, c1, ck = sums.tolist()
-    return {"val_loss": loss / n, "top1_error": 100 * (1 - c1 / n), "top5_error": 100 * (1 - ck / n),
+    return {"val_loss": runs.measured(loss / n), "top1_error": runs.percent(n - c1, n),
+            "top5_error": runs.percent(n - ck, n),
             "per_class": per_class.cpu().numpy()}
 
 
