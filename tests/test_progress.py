@@ -30,3 +30,52 @@ def test_unknown_total_prints_at_close_and_quiet_prints_nothing():
     with bar(5, "x", quiet=True, file=q) as b:
         b.update(5)
     assert q.getvalue() == ""
+
+
+def test_a_sweep_in_a_log_shows_plain_progress_lines_and_quiet_none(tmp_path):
+    """stderr to a file, as in a job's log: the sweep's runs done of total and each run's steps, as plain lines
+    (no carriage returns, no bar); with --quiet, nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import learnable_native
+
+    data = learnable_native(tmp_path / "data", per_class=8, val_per_class=2)  # 32 images: 2 steps of 16
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def sweep(out, grid, *extra):
+        log = tmp_path / f"{out}.log"
+        with open(log, "w") as f:
+            r = subprocess.run([sys.executable, "-m", "dsimagenet", "sweep", "--grid", grid, "--out",
+                                str(tmp_path / out), "--data", str(data), "--depth", "6", "--batch-size", "16",
+                                "--epochs", "1", "--augment", "flip", "--device", "cpu", "--log-every", "1",
+                                *extra],
+                               stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+        assert r.returncode == 0, log.read_text()
+        return r.stdout, log.read_text()
+
+    out, err = sweep("loud", "lr=0.01,0.02")
+    lines = err.splitlines()
+    assert "\r" not in err and lines, err
+    assert [x.split(",")[0] for x in lines if x.startswith("sweep: ")] == ["sweep: 1/2 run (50%)",
+                                                                            "sweep: 2/2 run (100%)"], err
+    trains = [x for x in lines if x.startswith("train: ")]
+    ends = [x for x in trains if x.startswith("train: 2/2 step (100%)")]  # each run's last step
+    assert len(ends) == 2 and all(", epoch 1/1, loss " in x and x.endswith(" img/s") for x in ends), err
+    assert all(x.startswith(("sweep: ", "train: ")) for x in lines), err  # nothing else on stderr
+    assert "lr=0.01: ran" in out and "lr=0.02: ran" in out
+    out, err = sweep("quiet", "lr=0.01", "--quiet")
+    assert err == "" and "lr=0.01: ran" in out
+
+
+def test_convert_shows_its_images_as_plain_lines(tmp_path, capsys):
+    from conftest import learnable_native
+
+    from dsimagenet.convert import convert
+
+    data = learnable_native(tmp_path / "data", per_class=4, val_per_class=2)  # 16 + 8 images
+    convert(data, tmp_path / "npz", ["npz"])
+    assert capsys.readouterr().err.splitlines()[-1].startswith("convert: 24/24 img (100%)")
+    convert(data, tmp_path / "pickle", ["pickle"], quiet=True)
+    assert capsys.readouterr().err == ""

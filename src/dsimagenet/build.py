@@ -551,10 +551,10 @@ def _submit(pool: cf.ProcessPoolExecutor, fn, *args) -> cf.Future:
 
 def _run_tasks(c: BuildConfig, pool: cf.ProcessPoolExecutor, tasks: list[dict], journal_path: Path, done: dict,
                total: int, workers: int) -> None:
-    from tqdm import tqdm
+    from dsimagenet.progress import bar as progress_bar
 
     already = total - sum(len(t["records"]) for t in tasks)
-    bar = tqdm(total=total, initial=already, unit="img", disable=c.quiet, smoothing=0.05, desc="build")
+    bar = progress_bar(total, "build", unit="img", quiet=c.quiet, initial=already)
     with open(journal_path, "a") as journal:
         pending: dict[cf.Future, dict] = {}
         it = iter(tasks)

@@ -29,7 +29,7 @@ def _classes(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from dsimagenet.convert import convert
 
-    counts = convert(args.src, args.out, args.formats.split(","), args.src_format)
+    counts = convert(args.src, args.out, args.formats.split(","), args.src_format, quiet=args.quiet)
     print(f"wrote {args.out} ({args.formats}): " + ", ".join(f"{k} {v:,} images" for k, v in counts.items()))
     return 0
 
@@ -323,6 +323,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--formats", default="native", help="the formats to write, comma-separated: native, pickle, npz")
     p.add_argument("--src-format", choices=["native", "pickle", "npz"],
                    help="which files of SRC to read when it holds several formats")
+    p.add_argument("--quiet", action="store_true", help="no progress, only the summary line and errors")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("info", help="describe a dataset: format, size, splits, counts, classes, mean",

@@ -122,8 +122,14 @@ def _append_rows(sw: native.SplitWriter, rows: np.ndarray, labels: np.ndarray, s
         sw.append(official.planar_to_nhwc(rows[c: c + _CHUNK_ROWS], size), labels[c: c + _CHUNK_ROWS])
 
 
-def _write(source: Source, src: Path, out: Path, formats: list[str]) -> dict:
-    """Every file of the conversion into the empty folder ``out``; returns counts per split."""
+def _write(source: Source, src: Path, out: Path, formats: list[str], quiet: bool = False) -> dict:
+    """Every file of the conversion into the empty folder ``out``; returns counts per split. Progress in images
+    (of the total, when the source's metadata says it: a native source) through dsimagenet.progress."""
+    from dsimagenet.progress import bar
+
+    total = sum(v["count"] for v in native.read_meta(source.path)["splits"].values()) \
+        if source.format == "native" else None  # official files say their count only when read
+    progress = bar(total, "convert", unit="img", quiet=quiet)
     size = source.image_size
     mean_rows = official.nhwc_to_planar(source.mean[None])[0] if source.mean is not None else None
     writer = None
@@ -143,8 +149,10 @@ def _write(source: Source, src: Path, out: Path, formats: list[str]) -> dict:
                     official.write_batch(out / official.batch_name(split, b.index, kind), b.rows, b.labels,
                                          mean_rows if split == "train" else None, kind)
             n += len(b.rows)
+            progress.update(len(b.rows))
             del b
         counts[split] = n
+    progress.close()
     if writer:
         writer.close()
     if any(f != "native" for f in formats):  # official files carry no class table: it goes beside them
@@ -313,14 +321,15 @@ def _carry(dst: Path, stage: Path, formats: list[str]) -> None:
                 shutil.copyfile(f, target)
 
 
-def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: str | None = None) -> dict:
+def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: str | None = None,
+            quiet: bool = False) -> dict:
     """Write ``src`` (any format) to ``dst`` in each of ``formats``; returns counts per split.
 
     ``dst`` is new, empty, or a dataset folder dsimagenet wrote, and is replaced whole: every file is written
     into a hidden folder beside it, which is renamed into place when complete (the old folder renamed away
     first, then removed). A failed conversion leaves ``dst`` as it was; a killed one leaves the old or the new
     complete folder, and the next conversion into ``dst`` removes or finishes what it left. Converting a
-    folder into itself adds the formats written and keeps the others."""
+    folder into itself adds the formats written and keeps the others. Progress goes to stderr unless ``quiet``."""
     bad = [f for f in formats if f not in OUT_FORMATS]
     if bad or not formats or len(set(formats)) != len(formats):
         raise ConfigError(f"--formats must be among {OUT_FORMATS}, one or more, each once, got {formats}")
@@ -347,7 +356,7 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        counts = _write(source, Path(src), stage, formats)
+        counts = _write(source, Path(src), stage, formats, quiet)
         if in_place:
             _carry(dst, stage, formats)
         fsync_dir(stage)

@@ -26,6 +26,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,11 +253,13 @@ def sweep(s: SweepConfig) -> dict[str, str]:
     lock_dir = str(Path(s.out) / LOCKS)
     threads = max(1, (os.cpu_count() or 1) // s.jobs)
     outcome: dict[str, str] = {}
+    progress = _progress_bar(len(mine), s.quiet or s.base.get("quiet", False))  # --quiet: the runs' outcomes only
 
     def tell(name: str, what: str) -> None:
         outcome[name] = what
         if not s.quiet:
-            print(f"{name}: {what}", flush=True)
+            _say(progress, f"{name}: {what}")
+        progress.update(1)
 
     if s.storage:
         _claimed_from_storage(s, mine, lock_dir, threads, tell)
@@ -269,8 +272,25 @@ def sweep(s: SweepConfig) -> dict[str, str]:
             futures = {pool.submit(_run_one, name, config, lock_dir, threads): name for name, config in mine}
             for f in cf.as_completed(futures):
                 tell(futures[f], f.result())
+    progress.close()
     write_results_csv(s.out, list(s.grid), runs)
     return {name: outcome[name] for name, _ in mine if name in outcome}
+
+
+def _progress_bar(total: int, quiet: bool):
+    """Runs done of this worker's share, with the rate and the time left: tqdm on a terminal, plain lines on
+    stderr in a log (dsimagenet.progress); silent with ``quiet``."""
+    from dsimagenet.progress import bar
+
+    return bar(total, "sweep", unit="run", quiet=quiet)
+
+
+def _say(progress, text: str) -> None:
+    """A line on stdout, above the bar when it is drawn on the terminal stdout prints to."""
+    if hasattr(progress, "write") and sys.stdout.isatty():
+        progress.write(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
 
 
 def kind(outcome: str) -> str:

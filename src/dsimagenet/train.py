@@ -76,7 +76,7 @@ def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
                                                  int(os.environ.get("LOCAL_RANK", "0")))
     with distributed.process_group(device) as d:
         p = build(c, d, _torch_device(device, d), train_ds, val_ds, dataset_fingerprint(c.data))
-        with open_run(p, resume) as at, _stop_signals() as stop:
+        with open_run(p, resume) as at, _stop_signals() as stop, _run_bar(p, at):
             if isinstance(at, dict):  # finished (or diverged) before: its result
                 return at
             ev = None
@@ -202,6 +202,7 @@ class Progress:
     since: float = field(default_factory=time.perf_counter)  # when the time not yet in train_seconds began
     last_checkpoint: float = field(default_factory=time.monotonic)
     lr: float | None = None  # what the optimizer holds, once this process has set it
+    bar: object = None  # the run's progress bar (dsimagenet.progress), on rank 0 unless quiet
 
 
 def _progress(p: Parts, epoch: int = 0, step: int = 0, sums: list[float] | None = None, seconds: float = 0.0,
@@ -347,7 +348,44 @@ def _after_step(p: Parts, at: Progress, epoch: int, done: int, loss: torch.Tenso
         checkpoint(p, at, epoch, done)
         at.last_checkpoint = time.monotonic()
     if log and d.main and not c.quiet:
-        print(f"  epoch {epoch + 1} step {done}/{p.steps} loss {loss.item():.4f} lr {lr:.5g}", flush=True)
+        value = loss.item()
+        if at.bar is not None:  # set before the update, which may print it
+            seconds = at.train_seconds + time.perf_counter() - at.since
+            at.bar.set_postfix_str(f"epoch {epoch + 1}/{c.epochs}, loss {value:.4f}, lr {lr:.3g}, "
+                                   f"{at.images_seen / seconds if seconds > 0 else 0:,.0f} img/s")
+        if not _on_terminal(at):  # there the bar shows it; in a log, the line
+            print(f"  epoch {epoch + 1} step {done}/{p.steps} loss {value:.4f} lr {lr:.5g}", flush=True)
+    if at.bar is not None:
+        at.bar.update(1)
+
+
+@contextlib.contextmanager
+def _run_bar(p: Parts, at: Progress | dict) -> Iterator[None]:
+    """The run's progress (steps of all its epochs, from where it resumed): a tqdm bar on a terminal, plain lines
+    on stderr in a log (dsimagenet.progress), on rank 0, none with --quiet; held in ``at.bar``."""
+    from dsimagenet.progress import bar
+
+    if isinstance(at, dict) or not p.dist.main or p.config.quiet:
+        yield
+        return
+    with bar(p.config.epochs * p.steps, "train", unit="step", initial=at.start_epoch * p.steps + at.start_step) as b:
+        at.bar = b
+        try:
+            yield
+        finally:
+            at.bar = None
+
+
+def _on_terminal(at: Progress) -> bool:
+    """Whether a tqdm bar is drawn on the terminal that stdout prints to (lines go above it, by ``_say``)."""
+    return hasattr(at.bar, "write") and sys.stdout.isatty()
+
+
+def _say(at: Progress, text: str) -> None:
+    if _on_terminal(at):
+        at.bar.write(text, file=sys.stdout)
+    else:
+        print(text, flush=True)
 
 
 def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict) -> dict:
@@ -368,9 +406,9 @@ def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict
     if d.main:
         runs.append_metrics(p.run, line)
         if not c.quiet:
-            print(f"epoch {epoch + 1}/{c.epochs}  train loss {line['train_loss']:.4f} err "
-                  f"{line['train_error']:.2f}%  val top-1 {line['top1_error']:.2f}% top-5 "
-                  f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s", flush=True)
+            _say(at, f"epoch {epoch + 1}/{c.epochs}  train loss {line['train_loss']:.4f} error "
+                     f"{line['train_error']:.2f}%  val top-1 {line['top1_error']:.2f}% top-5 "
+                     f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s")
     checkpoint(p, at, epoch + 1, 0)
     at.last_checkpoint = time.monotonic()
     return line
