@@ -344,7 +344,7 @@ def test_a_build_larger_than_the_free_disk_is_refused_before_writing(rel, tmp_pa
     n = len(rel.train) + len(rel.val)
     need = (n * (128 * 128 * 3 + 256 * 256 * 3) + 4 * 128) * 2  # 4 arrays (2 splits x 2 sizes), native + pickle
     with pytest.raises(BuildError, match=rf"needs about {need / 1e6:.2f} MB \({n} images x sizes 128, 256 "
-                                         r"x 1 method\(s\) x 2 format\(s\)\), the disk has 1.00 MB free"):
+                                         r"x 1 method x 2 formats\), the disk has 1.00 MB free"):
         build(BuildConfig(out=str(tmp_path / "o"), train=str(rel.train_tar), val=str(rel.val_tar),
                           sizes=(128, 256), **QUIET))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need - 1000))

@@ -192,3 +192,13 @@ def test_a_run_repr_is_one_line_and_runs_table_is_flat_rows(tmp_path):
     w.writerows(rows)
     assert list(csv.DictReader(io.StringIO(f.getvalue())))[0]["top1_error"] == "41.25"
     assert runs_table([]) == []
+
+
+def test_counts_agree_with_their_nouns():
+    from dsimagenet.runs import plural
+    from dsimagenet.sweep import summary
+
+    assert (plural(1, "epoch"), plural(2, "epoch"), plural(0, "run"), plural(1_000, "class", "classes")) == \
+        ("1 epoch", "2 epochs", "0 runs", "1,000 classes")
+    assert summary({"a": "ran"}) == "1 run: 1 finished (here or before)"
+    assert summary({"a": "ran", "b": "failed: x"}) == "2 runs: 1 finished (here or before), 1 failed"

@@ -46,6 +46,7 @@ from dsimagenet.formats import native, official
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
 from dsimagenet.resize import ImageError, Resize, resize_all
+from dsimagenet.runs import plural
 from dsimagenet.sources import folder as folder_source
 from dsimagenet.sources import imagenet as imagenet_source
 from dsimagenet.sources.records import Listing, OpenFiles, Record, printable, read_record
@@ -254,7 +255,8 @@ def _check_counts(c: BuildConfig, splits: dict[str, Listing]) -> list[str]:
             continue
         per_class = Counter(r.label for r in lst.records)
         empty = [IMAGENET.wnid(k) for k in range(1, 1001) if per_class[k] == 0]
-        where = f"{len(empty)} classes have no images (e.g. {', '.join(empty[:5])})" if empty else ""
+        where = (f"{plural(len(empty), 'class', 'classes')} {'has' if len(empty) == 1 else 'have'} no images "
+                 f"(e.g. {', '.join(empty[:5])})") if empty else ""
         if split == "val":
             present = {int(r.key[15:23]) for r in lst.records if r.key.startswith("ILSVRC2012_val_")}
             missing = [i for i in range(1, 50_001) if i not in present][:5]
@@ -354,9 +356,9 @@ def _check_disk(c: BuildConfig, out: Path, splits: dict[str, Listing]) -> None:
     free = shutil.disk_usage(probe).free
     if need - have > free:
         raise BuildError(f"{out}: the build needs about {_gb(need - have)} ({images:,} images x sizes "
-                         f"{', '.join(map(str, c.sizes))} x {len(c.methods)} method(s) x {len(c.formats)} "
-                         f"format(s)), the disk has {_gb(free)} free: free space, or build fewer sizes or "
-                         "formats at a time")
+                         f"{', '.join(map(str, c.sizes))} x {plural(len(c.methods), 'method')} x "
+                         f"{plural(len(c.formats), 'format')}), the disk has {_gb(free)} free: free space, or "
+                         "build fewer sizes or formats at a time")
 
 
 @contextlib.contextmanager
@@ -387,7 +389,7 @@ def build(c: BuildConfig, timings: dict[str, float] | None = None) -> dict:
     if not c.quiet:
         m = next(iter(result.values()))
         counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items())
-        print(f"built {', '.join(result)} in {printable(str(out))}: {counts} images; {len(m['converted'])} "
+        print(f"built {', '.join(result)} in {printable(str(out))}: {counts} images; {len(m['converted']):,} "
               f"converted, {len(m['skipped'])} skipped, {len(m['ignored'])} ignored (see manifest.json); "
               f"{time.perf_counter() - t0:.0f} s")
     return result

@@ -30,7 +30,9 @@ def _convert(args: argparse.Namespace) -> int:
     from dsimagenet.convert import convert
 
     counts = convert(args.src, args.out, args.formats.split(","), args.src_format, quiet=args.quiet)
-    print(f"wrote {args.out} ({args.formats}): " + ", ".join(f"{k} {v:,} images" for k, v in counts.items()))
+    from dsimagenet.runs import plural
+
+    print(f"wrote {args.out} ({args.formats}): " + ", ".join(f"{k} {plural(v, 'image')}" for k, v in counts.items()))
     return 0
 
 
@@ -212,7 +214,7 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(config_from_args(TrainConfig, args), resume=args.resume)
     if result:
-        print(f"{args.out}: top-1 error {result['top1_error']:.2f}%, top-5 error {result['top5_error']:.2f}%, "
+        print(f"{args.out}: top-1 error {result['top1_error']}%, top-5 error {result['top5_error']}%, "
               f"{result['train_images_per_s']:,.0f} images/s")
     return 0
 
@@ -271,9 +273,13 @@ def _tune(args: argparse.Namespace) -> int:
             if f.name not in TUNE_OWN and hasattr(args, f.name)}
     s = tune(TuneConfig(**values, base=base))
     best = s["best"]
-    print(f"{args.out}: {s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned, {s['diverged']} "
-          "diverged); best: "
-          + (f"trial {best['number']}, top-1 error {best['top1_error']:.2f}%, {best['params']}" if best else "none")
+    from dsimagenet.runs import plural
+
+    params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best["params"].items()) \
+        if best else ""
+    print(f"{args.out}: {plural(s['trials'], 'trial')} ({s['complete']} complete, {s['pruned']} pruned, "
+          f"{s['diverged']} diverged); best: "
+          + (f"trial {best['number']}, top-1 error {best['top1_error']}%, {params}" if best else "none")
           + f"; storage {s['storage']}")
     return 0
 

@@ -66,7 +66,8 @@ def check_result(run: Path, result: dict, metrics: list[dict], epochs: int) -> N
     problems = [f"{k} is {result.get(k)!r}, the last epoch of {METRICS} says {last.get(k)!r}"
                 for k in ("top1_error", "top5_error") if result.get(k) != last.get(k)]
     if result.get("epochs") != epochs or [m["epoch"] for m in metrics] != list(range(1, epochs + 1)):
-        problems.append(f"it is a result after {result.get('epochs')!r} epochs, {METRICS} holds epochs "
+        after = result.get("epochs")
+        problems.append(f"it is a result after {after!r} epoch{'' if after == 1 else 's'}, {METRICS} holds epochs "
                         f"{[m['epoch'] for m in metrics][-3:]!r}{' (the last three)' if len(metrics) > 3 else ''} "
                         f"and the run has {epochs}")
     if problems:

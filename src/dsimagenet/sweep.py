@@ -36,7 +36,7 @@ from dsimagenet.grid import DATA_KEYS, check, load_spec, merge_grids, parse_grid
 from dsimagenet.grid import expand as expand_grid
 from dsimagenet.recipe import TrainConfig
 from dsimagenet.runs import exists as is_run
-from dsimagenet.runs import find_runs, load_run, write_json
+from dsimagenet.runs import find_runs, load_run, plural, write_json
 
 FAILURES = ".failures"  # SWEEP/.failures/<run>.json: why a run failed, until it runs to an end
 LOCKS = ".locks"  # SWEEP/.locks/<run>.lock: held by the worker running that run
@@ -202,7 +202,8 @@ def check_existing(runs: list[tuple[str, TrainConfig]]) -> None:
         if action == "mismatch":
             bad.append(why)
     if bad:
-        raise ConfigError(f"{len(bad)} run(s) under this --out were made with other settings: " + "; ".join(bad)
+        raise ConfigError(f"{plural(len(bad), 'run')} under this --out {'was' if len(bad) == 1 else 'were'} made "
+                          "with other settings: " + "; ".join(bad)
                           + ". A sweep continues a run only to more --epochs of a step or sgdr schedule; choose "
                           "another --out, or remove those runs to run them again")
 
@@ -307,7 +308,7 @@ def summary(outcome: dict[str, str]) -> str:
     parts = [f"{counts[k]} {word}" for k, word in (("finished", "finished (here or before)"),
                                                     ("diverged", "diverged"), ("failed", "failed"),
                                                     ("elsewhere", "running elsewhere")) if counts[k]]
-    return f"{len(outcome)} runs: " + (", ".join(parts) or "none")
+    return f"{plural(len(outcome), 'run')}: " + (", ".join(parts) or "none")
 
 
 # --- results.csv

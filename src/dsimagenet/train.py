@@ -407,8 +407,8 @@ def record_epoch(p: Parts, at: Progress, epoch: int, sums: list[float], ev: dict
         runs.append_metrics(p.run, line)
         if not c.quiet:
             _say(at, f"epoch {epoch + 1}/{c.epochs}  train loss {line['train_loss']:.4f} error "
-                     f"{line['train_error']:.2f}%  val top-1 {line['top1_error']:.2f}% top-5 "
-                     f"{line['top5_error']:.2f}%  {line['images_per_s']:,.0f} img/s")
+                     f"{line['train_error']}%  val top-1 {line['top1_error']}% top-5 "
+                     f"{line['top5_error']}%  {line['images_per_s']:,.0f} img/s")  # errors as measured
     checkpoint(p, at, epoch + 1, 0)
     at.last_checkpoint = time.monotonic()
     return line
@@ -476,7 +476,8 @@ def finish(p: Parts, at: Progress, ev: dict | None) -> dict:
     c, d = p.config, p.dist
     if ev is None:
         if d.main and not c.quiet:
-            print(f"{p.run}: all {c.epochs} epochs were done; the result comes from the checkpoint", flush=True)
+            done = "its epoch was" if c.epochs == 1 else f"all {c.epochs} epochs were"
+            print(f"{p.run}: {done} done; the result comes from the checkpoint", flush=True)
         ev = evaluate(p.net, p.val_loader, p.num_classes, p.amp, d)
     result = {}
     if d.main:
