@@ -179,6 +179,9 @@ def test_a_run_repr_is_one_line_and_runs_table_is_flat_rows(tmp_path):
     assert repr(a) == (f"Run({tmp_path / 'a'}: finished, WRN-8-0.5, 16 px box 7 classes, 3 epochs, lr 0.05, "
                        "top-1 error 41.25%)")
     assert repr(b) == f"Run({tmp_path / 'b'}: unfinished, WRN-8-0.5, 16 px box 7 classes, 3 epochs, lr 0.05)"
+    (b.path / "result.json").write_text(json.dumps({"status": "lost"}))  # damaged: still a one-line repr
+    assert repr(load_run(b.path)) == f"Run({b.path}: damaged, WRN-8-0.5, 16 px box 7 classes, 3 epochs, lr 0.05)"
+    assert runs_table([load_run(b.path)])[0]["status"] == "damaged"
     rows = runs_table([a, b])
     assert [r["run"] for r in rows] == [str(a.path), str(b.path)] and [r["status"] for r in rows] == \
         ["finished", "unfinished"]

@@ -268,7 +268,7 @@ class Run:
             parts.append(f"lr {stored['lr']:g}")
         res = self.result or {}
         if status == "finished" and isinstance(res.get("top1_error"), (int, float)):
-            parts.append(f"top-1 error {res['top1_error']:.2f}%")
+            parts.append(f"top-1 error {res['top1_error']:.10g}%")  # as measured (runs.percent), older runs' noise cut
         return f"Run({', '.join(parts)})"
 
     @property
