@@ -24,5 +24,5 @@ def __getattr__(name):
 
 
 __all__ = ["IMAGENET", "BuildConfig", "ClassSubset", "ClassTable", "ImageNetDS", "Loader", "TrainConfig",
-           "WideResNet", "build", "convert", "describe", "detect_format", "evaluate", "load_runs", "open_dataset", "subset",
-           "train", "val_ground_truth", "val_label", "__version__"]
+           "WideResNet", "build", "convert", "describe", "detect_format", "evaluate", "load_runs", "open_dataset",
+           "subset", "train", "val_ground_truth", "val_label", "__version__"]
