@@ -142,7 +142,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNE_OWN = ("out", "data", "epochs", "lr", "width", "weight_decay", "seed")
+TUNE_OWN = ("out", "data", "epochs", "lr", "width", "weight_decay", "seed", "quiet")
 
 
 def _tune(args: argparse.Namespace) -> int:
