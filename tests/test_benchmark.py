@@ -151,3 +151,40 @@ def test_the_readme_random_search_example_runs(data, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("0: top-1 error ") and out[2].startswith("best: (")
     assert len(list((tmp_path / "hpo").iterdir())) == 2
+
+
+OPTUNA = '''
+import optuna
+from dsimagenet import benchmark
+
+def trial_objective(trial):
+    config = {"lr": trial.suggest_float("lr", 1e-3, 0.5, log=True),
+              "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-3, log=True),
+              "width": trial.suggest_categorical("width", [1.0, 2.0])}
+
+    def report(line):  # each epoch's top-1 error: Hyperband stops the unpromising trials early
+        trial.report(line["top1_error"], line["epoch"])
+        if line["epoch"] < 40 and trial.should_prune():
+            raise optuna.TrialPruned()
+
+    r = benchmark.objective(config, {"epochs": 40, "size": 16}, data="out/{size}_box", out="hpo/optuna",
+                            on_epoch=report)
+    return r["function_value"]
+
+study = optuna.create_study(direction="minimize",
+                            pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=40))
+study.optimize(trial_objective, n_trials=50)
+print(study.best_params, study.best_value)
+'''
+
+
+def test_the_readme_optuna_example_runs(data, tmp_path, capsys):
+    code = OPTUNA
+    for old, new in (("n_trials=50", "n_trials=2"), ('{"epochs": 40, "size": 16}', '{"epochs": 2}'),
+                     ('line["epoch"] < 40', 'line["epoch"] < 2'), ("max_resource=40", "max_resource=2"),
+                     ('"out/{size}_box"', repr(str(data))), ('"hpo/optuna"', repr(str(tmp_path / "hpo")))):
+        assert code.count(old) == 1
+        code = code.replace(old, new)
+    exec(compile(code, "README Optuna", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("{'lr': ")
