@@ -179,6 +179,7 @@ def evaluate_run(c: EvalConfig) -> dict:
     from dsimagenet.data import Loader, compute_stats
     from dsimagenet.dataset import ImageNetDS
     from dsimagenet.distributed import Dist
+    from dsimagenet.preflight import check_environment
     from dsimagenet.progress import bar
     from dsimagenet.train import _write_per_class
     from dsimagenet.train import evaluate as score
@@ -214,8 +215,8 @@ def evaluate_run(c: EvalConfig) -> dict:
         raise ConfigError(f"--data {c.data}: no {c.split} images")
     mapping = _map_classes(ds, wnids, c)
     ds.classes = names
-    try:  # the run's normalisation: its training split's statistics, as train.build made them
-        train_ds = ImageNetDS(tc.data, "train", tc.order, tc.classes, tc.max_per_class)
+    try:  # the run's normalisation: the statistics of its training split, opened as the trainer opens it
+        _, train_ds, _ = check_environment(dataclasses.replace(tc, device="cpu", compile=False))
         stats = dataclasses.replace(compute_stats(train_ds, tc.normalize), wnids=tuple(wnids))
     except (DSImageNetError, OSError) as e:
         raise runs.RunError(f"{run_path}: its training data {tc.data} normalises the images it is scored on, and "
