@@ -153,7 +153,7 @@ def _map_classes(ds, wnids: list[str], c: EvalConfig) -> dict:
         left = {"images": len(ds.targets) - len(keep), "classes": unknown}
         ds.data, ds.targets = ds.data[keep], ds.targets[keep]
     lut = np.array([index.get(w, -1) for w in ds.wnids], np.int64)
-    same = list(ds.wnids) == list(wnids)
+    same = all(ds.class_to_idx[w] == index[w] for w in own if w in index)  # each image keeps its label
     ds.targets = lut[ds.targets]
     ds.wnids, ds.class_to_idx = list(wnids), dict(index)
     return {"class_mapping": "same labels" if same else "by WNID", "left_out": left,
