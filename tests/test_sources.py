@@ -370,3 +370,64 @@ def test_a_folder_of_more_images_than_open_files_allowed_builds(tmp_path):
     from dsimagenet import open_dataset
 
     assert len(open_dataset(tmp_path / "out" / "4_box")) == 300
+
+
+# --- numbered class folders (ImageNetV2) -----------------------------------------------------------------
+
+def _sorted_wnids_by_hand() -> list[str]:
+    """ImageNet's WNIDs (sorted, and in devkit order), read from the bundled devkit map without ClassTable."""
+    from importlib import resources
+
+    text = resources.files("dsimagenet.resources").joinpath("map_clsloc.txt").read_text()
+    rows = [line.split(" ") for line in text.splitlines() if line and not line.startswith("#")]
+    return sorted(r[0] for r in rows), [r[0] for r in sorted(rows, key=lambda r: int(r[1]))]
+
+
+def _numbered_tree(root: Path, numbers) -> dict[tuple, str]:
+    """root/<k>/ with two solid-colour PNGs each, one colour per folder: colour -> folder name."""
+    from PIL import Image
+
+    colours = {}
+    for i, k in enumerate(numbers):
+        (root / str(k)).mkdir(parents=True)
+        colour = (10 + 20 * i, 200 - 15 * i, 7 * i)
+        colours[colour] = str(k)
+        for j in range(2):
+            Image.new("RGB", (12 + j, 9), colour).save(root / str(k) / f"im{j}.png")
+    return colours
+
+
+@pytest.mark.parametrize("class_names", ["sorted-index", "devkit-index"])
+def test_numbered_class_folders_get_imagenets_wnids(tmp_path, class_names):
+    """ImageNetV2's folders 0..999 are classes in sorted-WNID order: every built image carries the WNID that a
+    hand-built mapping (sorted WNIDs, or devkit order) gives its folder's number; no --allow-partial needed."""
+    from dsimagenet.build import BuildConfig, build
+    from dsimagenet.dataset import open_dataset
+
+    by_sorted, by_devkit = _sorted_wnids_by_hand()
+    expected = by_sorted if class_names == "sorted-index" else by_devkit
+    colours = _numbered_tree(tmp_path / "v2", [0, 1, 17, 500, 999])
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(tmp_path / "v2"), sizes=(4,), formats=("native",),
+                      class_names=class_names, quiet=True, workers=1))
+    ds = open_dataset(tmp_path / "o" / "4_box", "train")
+    assert len(ds) == 10 and len(ds.wnids) == 1000
+    for img, label in zip(ds.data, ds.targets, strict=True):
+        folder = colours[tuple(int(v) for v in img[0, 0])]
+        assert ds.wnids[label] == expected[int(folder)]
+    listing = list_folder(tmp_path / "v2", class_names)["train"]
+    assert listing.imagenet and {r.key.split("/")[0] for r in listing.records} == set(colours.values())
+
+
+def test_numbered_class_folders_refuse_other_names(tmp_path, capsys):
+    _numbered_tree(tmp_path / "v2", [0, 3])
+    for name in ("07", "1000", "cat", "-1"):
+        (tmp_path / "v2" / name).mkdir()
+    with pytest.raises(SourceError, match=r"needs class folders named 0\.\.999, found 4 other name\(s\): '-1', "
+                                          r"'07', '1000', 'cat'"):
+        list_class_tree(tmp_path / "v2", class_names="sorted-index")
+    err = cli_error(capsys, "build", "--folder", str(tmp_path / "v2"), "--out", str(tmp_path / "o"),
+                    "--class-names", "sorted-index", "--sizes", "4")
+    assert "'07'" in err and "'cat'" in err
+    err = cli_error(capsys, "build", "--train", str(tmp_path / "v2"), "--out", str(tmp_path / "o"),
+                    "--class-names", "devkit-index")
+    assert "--class-names devkit-index reads the class folders of --folder" in err

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -28,7 +29,8 @@ def test_trials_complete_prune_and_resume(data, tmp_path):
     assert s["complete"] + s["pruned"] == 8
     study = optuna.load_study(study_name="dsimagenet", storage=s["storage"])
     for t in study.trials:
-        run = tmp_path / "tune" / "trials" / f"trial_{t.number:04d}"
+        run = Path(t.user_attrs["run"])
+        assert run.parent == tmp_path / "tune" / "trials"
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["top1_error"] for m in lines] == [t.intermediate_values[m["epoch"]] for m in lines]
         if t.state.name == "PRUNED":
@@ -40,6 +42,7 @@ def test_trials_complete_prune_and_resume(data, tmp_path):
     assert s2["trials"] == 11
     rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
     assert len(rows) == 11 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert all(Path(r["run"]).parent == tmp_path / "tune" / "trials" for r in rows)
 
 
 def test_trial_space_and_sizes(tmp_path):
@@ -122,3 +125,30 @@ def test_storage_that_cannot_be_opened_is_an_error_naming_it(tmp_path):
         open_storage(f"sqlite:///{tmp_path}/text.db")
     with pytest.raises(ConfigError, match="no journal file"):
         open_storage("journal:")
+
+
+def test_progress_counts_trials_and_shows_the_best(data, tmp_path, capsys):
+    """Where stderr is not a terminal, a plain line at each 10% of the trials (each of 2 trials is 50%): trials
+    done of the total and the best top-1 error so far, the study's best; --quiet prints nothing."""
+    c = TuneConfig(out=str(tmp_path / "tune"), data=str(data), trials=2, min_epochs=1, max_epochs=1, base=BASE)
+    s = tune(c)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("tune: ")]
+    assert [x.split(",")[0] for x in lines] == ["tune: 1/2 trial (50%)", "tune: 2/2 trial (100%)"], err
+    assert lines[-1].endswith(f"best {s['best']['top1_error']:.2f}% (trial {s['best']['number']})"), err
+    tune(TuneConfig(**{**c.__dict__, "trials": 3, "quiet": True}))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_trial_of_settings_trained_before_is_answered_from_its_run(data, tmp_path):
+    """A second study in the same folder that suggests the same settings (the same sampler seed) trains nothing:
+    its trials point at the same runs, whose files are untouched."""
+    c = TuneConfig(out=str(tmp_path / "tune"), data=str(data), trials=2, min_epochs=1, max_epochs=2, base=BASE,
+                   quiet=True)
+    tune(c)
+    runs = sorted((tmp_path / "tune" / "trials").iterdir())
+    stamps = [(r / "metrics.jsonl").stat().st_mtime_ns for r in runs]
+    s = tune(TuneConfig(**{**c.__dict__, "study": "again"}))
+    study = optuna.load_study(study_name="again", storage=s["storage"])
+    assert sorted(Path(t.user_attrs["run"]) for t in study.trials) == runs
+    assert [(r / "metrics.jsonl").stat().st_mtime_ns for r in runs] == stamps

@@ -12,7 +12,8 @@ from dsimagenet.dataset import ImageNetDS, detect_format, open_dataset
 from dsimagenet.labels import IMAGENET, ClassSubset, ClassTable, subset, val_ground_truth, val_label
 
 _LAZY = {"Loader": "dsimagenet.data", "WideResNet": "dsimagenet.model", "TrainConfig": "dsimagenet.train",
-         "train": "dsimagenet.train", "load_runs": "dsimagenet.runs", "runs_table": "dsimagenet.runs"}
+         "train": "dsimagenet.train", "load_runs": "dsimagenet.runs", "evaluate": "dsimagenet.evaluation",
+         "runs_table": "dsimagenet.runs"}
 
 
 def __getattr__(name):
@@ -24,5 +25,5 @@ def __getattr__(name):
 
 
 __all__ = ["IMAGENET", "BuildConfig", "ClassSubset", "ClassTable", "ImageNetDS", "Loader", "TrainConfig",
-           "WideResNet", "build", "convert", "describe", "detect_format", "load_runs", "open_dataset", "subset",
-           "runs_table", "train", "val_ground_truth", "val_label", "__version__"]
+           "WideResNet", "build", "convert", "describe", "detect_format", "evaluate", "load_runs", "open_dataset",
+           "runs_table", "subset", "train", "val_ground_truth", "val_label", "__version__"]

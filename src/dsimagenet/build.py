@@ -84,6 +84,10 @@ class BuildConfig:
     folder: str | None = recipe(
         None, check=text(optional=True),
         help="any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>")
+    class_names: Literal["folder", "sorted-index", "devkit-index"] = recipe(
+        "folder", help="what --folder's class folder names are: the classes themselves (folder), or ImageNet's "
+                       "classes numbered 0..999 in sorted-WNID order (sorted-index: ImageNetV2) or devkit order "
+                       "(devkit-index)")
     devkit: str | None = recipe(
         None, check=text(optional=True),
         help="ILSVRC2012_devkit_t12.tar.gz or Kaggle's LOC_val_solution.csv (default: bundled val labels)")
@@ -131,6 +135,8 @@ class BuildConfig:
             raise ConfigError("--folder is one source; use it without --train/--val")
         if not (self.folder or self.train or self.val):
             raise ConfigError("nothing to build: give --train and/or --val (ILSVRC-2012), or --folder")
+        if self.class_names != "folder" and not self.folder:
+            raise ConfigError(f"--class-names {self.class_names} reads the class folders of --folder: give --folder")
         if self.devkit and not self.val:
             raise ConfigError("--devkit labels the validation images: give --val too (or leave --devkit out)")
         self.resize  # noqa: B018 - validates methods, sizes (positive whole numbers), aspect
@@ -230,7 +236,7 @@ def _run_chunk(task: dict) -> dict:
 def _listings(c: BuildConfig) -> tuple[dict[str, Listing], dict]:
     origin = {}
     if c.folder:
-        return folder_source.list_folder(c.folder), {"folder": str(c.folder)}
+        return folder_source.list_folder(c.folder, c.class_names), {"folder": str(c.folder)}
     out = {}
     if c.train:
         out["train"] = imagenet_source.list_train(c.train)
@@ -248,7 +254,7 @@ def _check_counts(c: BuildConfig, splits: dict[str, Listing]) -> list[str]:
     msgs = []
     expect = {"train": imagenet_source.NUM_TRAIN_IMAGES, "val": imagenet_source.NUM_VAL_IMAGES}
     for split, lst in splits.items():
-        if not lst.imagenet:
+        if not lst.imagenet or c.class_names != "folder":  # a numbered tree (ImageNetV2) is not the release
             continue
         n = len(lst.records)
         if n == expect[split]:

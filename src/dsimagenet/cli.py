@@ -258,7 +258,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNE_OWN = ("out", "data", "epochs", "lr", "width", "weight_decay", "seed")
+TUNE_OWN = ("out", "data", "epochs", "lr", "width", "weight_decay", "seed", "quiet")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -282,6 +282,28 @@ def _tune(args: argparse.Namespace) -> int:
           + (f"trial {best['number']}, top-1 error {best['top1_error']}%, {params}" if best else "none")
           + f"; storage {s['storage']}")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dsimagenet.evaluation import EvalConfig, evaluate_run
+
+    evaluate_run(config_from_args(EvalConfig, args))  # prints its one-line summary unless --quiet
+    return 0
+
+
+def _add_evaluate_command(sub) -> None:
+    from dsimagenet.evaluation import EvalConfig
+
+    p = sub.add_parser("evaluate", help="score a trained run on any dataset of its image size",
+                       description="Score RUN's last checkpoint (or --checkpoint) on a split of --data: its own "
+                                   "val, another method's build,\nImageNetV2 or a class subset at the same "
+                                   "resolution. Classes are matched by WNID. Writes\nRUN/eval/<name>/result.json "
+                                   "(top-1/top-5 error, loss) and per_class.csv.",
+                       epilog="examples:\n  dsimagenet evaluate runs/wrn-28-2 --data out/32_lanczos\n"
+                              "  dsimagenet evaluate runs/wrn-28-2 --data v2/32_box --split train")
+    p.add_argument("run", metavar="RUN", help="the run directory whose checkpoint is scored")
+    add_config_arguments(p, EvalConfig, skip=("run",))
+    p.set_defaults(func=_evaluate)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -423,6 +445,8 @@ def _add_experiment_commands(sub) -> None:
     p.add_argument("--out", default="demo-out", help="output folder")
     p.add_argument("--epochs", type=int, default=6, help="epochs of each training run")
     p.set_defaults(func=_demo)
+
+    _add_evaluate_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,11 @@
     dsimagenet tune ... --storage postgresql://host/db --workers 4       # more workers, any machine
 
 Dimensions: learning rate (log scale), width, weight decay (log scale) and, with ``--sizes``, the resolution.
-Each trial is a training run under ``OUT/trials/`` that reports its validation top-1 error after every epoch;
-Hyperband stops the unpromising ones early, and a trial whose loss diverges ends as pruned (never a value). The
+Each trial is one call of ``dsimagenet.benchmark.objective``: a training run under ``OUT/trials/<key>/`` (its
+path is the trial's user attribute ``run``, and a column of trials.csv) that reports its validation top-1 error
+after every epoch; a trial of settings run before is answered from that run. Hyperband stops the unpromising
+ones early, and a trial whose loss diverges ends as pruned (never a value). A progress line (trials done of
+``--trials``, the best so far) follows the study, from every worker on this machine. The
 study lives in its storage (an SQLite file ``OUT/study.db`` by default; any Optuna RDB URL, or ``journal:PATH``
 for a journal file on a shared disk), so a tune that is interrupted continues where it stopped, and workers on
 other machines join the same study.
@@ -62,6 +65,7 @@ class TuneConfig:
     study: str = option("dsimagenet", check=(lambda v: isinstance(v, str) and v != "", "a name"),
                         help="the study's name in the storage")
     workers: int = option(1, check=whole(1), help="trials at a time on this machine")
+    quiet: bool = option(False, help="print nothing but errors (no progress line)")
     seed: int = recipe(0, check=whole(0), help="seed of the sampler")
     base: dict = recipe(default_factory=dict, check=(lambda v: isinstance(v, dict), "a mapping of train settings"),
                         help="other TrainConfig fields of every trial (depth, device, batch_size, ...)")
@@ -122,7 +126,7 @@ def validate(c: TuneConfig) -> None:
                           "--out), not a fixed trial setting")
     for lr, width, wd, size in ((c.lr[0], c.widths[0], c.weight_decay[0], (c.sizes or (None,))[0]),
                                 (c.lr[1], max(c.widths), c.weight_decay[1], (c.sizes or (None,))[-1])):
-        _config(c, {"lr": lr, "width": width, "weight_decay": wd}, size, "probe")
+        _config(c, {"lr": lr, "width": width, "weight_decay": wd}, size)
 
 
 def storage_url(c: TuneConfig) -> str:
@@ -152,25 +156,46 @@ def milestones(epochs: int) -> tuple[int, ...]:
     return tuple(sorted({m for m in (epochs // 4, epochs // 2, 3 * epochs // 4) if m >= 1}))
 
 
-def _config(c: TuneConfig, params: dict, size: int | None, name: str) -> TrainConfig:
+def _config(c: TuneConfig, params: dict, size: int | None) -> TrainConfig:
+    """The TrainConfig of a trial: ``benchmark.trial_config`` of the searched ``params`` over --base, at the
+    fidelity of --max-epochs (and ``size``); its folder under OUT/trials/ is named by what it computes."""
+    from dsimagenet.benchmark import trial_config as resolve
+
     try:
-        data = c.data.format(size=size) if size is not None else c.data
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"--data {c.data}: only {{size}} may be filled in ({e!r})") from None
-    base = {"milestones": milestones(c.max_epochs), "quiet": True, **c.base}
-    try:
-        return TrainConfig(**{**base, **params, "data": data, "epochs": c.max_epochs,
-                              "out": str(Path(c.out) / "trials" / name)})
+        return resolve(*_call(c, params, size), data=c.data, out=str(Path(c.out) / "trials"), **_where(c))[0]
     except ConfigError as e:
         raise ConfigError(f"tune trials: {e}") from None
 
 
-def trial_config(c: TuneConfig, trial) -> TrainConfig:
+def _call(c: TuneConfig, params: dict, size: int | None) -> tuple[dict, dict]:
+    """(config, fidelity) of the objective for a trial: --base's settings and the searched ones; the epochs,
+    and the size (searched, or --base's --size), --base's --classes as fidelities."""
+    base = {"milestones": milestones(c.max_epochs), **c.base}
+    fidelity = {"epochs": c.max_epochs}
+    for name in ("size", "classes"):
+        if base.get(name) is not None:
+            fidelity[name] = base[name]
+        base.pop(name, None)
+    if size is not None:
+        fidelity["size"] = size
+    base = {k: v for k, v in base.items() if k not in ("seed", "device")}
+    return {**base, **params}, fidelity
+
+
+def _where(c: TuneConfig) -> dict:
+    return {"device": c.base.get("device", "auto"), "seed": c.base.get("seed", 0)}
+
+
+def _params(c: TuneConfig, trial) -> tuple[dict, int | None]:
     params = {"lr": trial.suggest_float("lr", *c.lr, log=True),
               "width": trial.suggest_categorical("width", list(c.widths)),
               "weight_decay": trial.suggest_float("weight_decay", *c.weight_decay, log=True)}
-    size = trial.suggest_categorical("size", list(c.sizes)) if c.sizes else None
-    return _config(c, params, size, f"trial_{trial.number:04d}")
+    return params, trial.suggest_categorical("size", list(c.sizes)) if c.sizes else None
+
+
+def trial_config(c: TuneConfig, trial) -> TrainConfig:
+    """The TrainConfig the trial trains (the objective's, for the parameters the trial suggests)."""
+    return _config(c, *_params(c, trial))
 
 
 def _diverged(trial, message: str):
@@ -185,34 +210,32 @@ def _diverged(trial, message: str):
 
 
 def _objective(c: TuneConfig):
+    """A trial: ``benchmark.objective`` of the suggested parameters at --max-epochs, reporting each epoch's
+    top-1 error to the pruner (which may stop it there)."""
     import optuna
 
-    from dsimagenet import runs
-    from dsimagenet.errors import Diverged
-    from dsimagenet.train import train
+    from dsimagenet import benchmark
 
     def objective(trial) -> float:
-        tc = trial_config(c, trial)
-        out = Path(tc.out)
+        params, size = _params(c, trial)
+        config, fidelity = _call(c, params, size)
+        trial.set_user_attr("run", _config(c, params, size).out)
 
         def report(line: dict) -> None:
             trial.report(line["top1_error"], line["epoch"])
-            if line["epoch"] < tc.epochs and trial.should_prune():  # a finished run is a result, not pruned
+            if line["epoch"] < c.max_epochs and trial.should_prune():  # a finished run is a result, not pruned
                 raise optuna.TrialPruned(f"pruned after epoch {line['epoch']}")
 
-        resume = runs.exists(out)  # a trial run again after its worker died continues from it
-        if resume and (before := runs.load_run(out)).status == "diverged":
-            raise _diverged(trial, (before.result or {}).get("message", "diverged before"))
-        try:
-            result = train(tc, resume=resume, on_epoch=report)
-        except Diverged as e:
-            raise _diverged(trial, str(e)) from None
-        return result["top1_error"]
+        r = benchmark.objective(config, fidelity, data=c.data, out=str(Path(c.out) / "trials"), on_epoch=report,
+                                **_where(c))
+        if r["info"]["status"] == "diverged":
+            raise _diverged(trial, r["info"]["message"])
+        return r["function_value"]
 
     return objective
 
 
-def _work(c: TuneConfig) -> None:
+def _work(c: TuneConfig, after_trial=None) -> None:
     import optuna
 
     study = _study(c)
@@ -221,6 +244,44 @@ def _work(c: TuneConfig) -> None:
     objective = _objective(c)
     while done() < c.trials:
         study.optimize(objective, n_trials=1, catch=())
+        if after_trial is not None:
+            after_trial()
+
+
+class _Progress:
+    """The study's progress as one bar (dsimagenet.progress): finished trials of --trials, and the best so far;
+    ``refresh`` reads them from the storage, so it counts every worker's trials."""
+
+    def __init__(self, c: TuneConfig, study):
+        from dsimagenet.progress import bar
+
+        self.study = study
+        self.bar = bar(c.trials, "tune", unit="trial", quiet=c.quiet, initial=min(self._done()[0], c.trials))
+
+    def _done(self) -> tuple[int, object]:
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+        return sum(t.state.is_finished() for t in trials), min(complete, key=lambda t: t.value, default=None)
+
+    def refresh(self) -> None:
+        n, best = self._done()
+        if best is not None:
+            self.bar.set_postfix_str(f"best {best.value:.2f}% (trial {best.number})")
+        if n > self.bar.n:
+            self.bar.update(min(n, self.bar.total) - self.bar.n)
+
+    def wait(self, futures: list, every: float = 5.0) -> None:
+        """Refresh while the workers run; their first error is raised (the others are still waited for)."""
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=every)
+            self.refresh()
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        self.refresh()
+        self.bar.close()
 
 
 def tune(c: TuneConfig) -> dict:
@@ -228,21 +289,22 @@ def tune(c: TuneConfig) -> dict:
     from dsimagenet.formats.atomic import atomic_write
 
     study = _study(c)  # create it once before workers race to
+    progress = _Progress(c, study)
     if c.workers == 1:
-        _work(c)
+        _work(c, progress.refresh)
     else:
         with cf.ProcessPoolExecutor(c.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for f in [pool.submit(_work, c) for _ in range(c.workers)]:
-                f.result()
+            progress.wait([pool.submit(_work, c) for _ in range(c.workers)])
+    progress.close()
     trials = study.get_trials(deepcopy=False)
     with atomic_write(Path(c.out) / "trials.csv", "w") as f:
         names = sorted({k for t in trials for k in t.params})
         w = csv.writer(f)
-        w.writerow(["number", "state", "top1_error", "epochs_run", *names, "diverged"])
+        w.writerow(["number", "state", "top1_error", "epochs_run", *names, "diverged", "run"])
         for t in trials:
             w.writerow([t.number, t.state.name, t.value if t.value is not None else "",
                         max(t.intermediate_values, default=0), *(t.params.get(n, "") for n in names),
-                        t.user_attrs.get("diverged", "")])
+                        t.user_attrs.get("diverged", ""), t.user_attrs.get("run", "")])
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = min(complete, key=lambda t: t.value) if complete else None
     diverged = [t for t in trials if "diverged" in t.user_attrs]

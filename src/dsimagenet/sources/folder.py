@@ -1,6 +1,9 @@
 """Any class-folder tree as a source: ``root/train/<class>/<image>`` with an optional ``root/val/<class>/...``,
 or just ``root/<class>/<image>`` (train only). Classes are sorted and labelled 1..C; a tree whose class names
-are ILSVRC-2012 WNIDs is ImageNet, labelled with devkit IDs.
+are ILSVRC-2012 WNIDs is ImageNet, labelled with devkit IDs. A tree whose folders are numbered ``0..999``
+(ImageNetV2 arrives so, numbered in sorted-WNID order) is ImageNet too when ``class_names`` says how to read the
+numbers: "sorted-index" (k is the k-th WNID in sorted order, torchvision's label k) or "devkit-index" (k is devkit
+ID k + 1, the official files' label k).
 
 Symbolic links are followed, to files and to folders, as torchvision's ImageFolder does: subsets such as
 ImageNet-100 are usually trees of links into one copy of ImageNet. A link back to a folder above it (a loop) is
@@ -109,19 +112,39 @@ def class_dirs(root: Path, listing: Listing | None = None) -> list[Path]:
     return dirs
 
 
-def list_class_tree(root: Path, wnids: list[str] | None = None) -> Listing:
+CLASS_NAMES = ("folder", "sorted-index", "devkit-index")
+
+
+def index_wnids(root: Path, names: list[str], class_names: str) -> dict[str, str]:
+    """Folder name -> ILSVRC-2012 WNID for a tree whose folders are numbered 0..999: "sorted-index" reads k as
+    the k-th WNID in sorted order, "devkit-index" as devkit ID k + 1. A name that is not one of those integers
+    written plainly ("7", not "07" or "seven") is an error naming it: guessing would mislabel the class."""
+    if class_names not in CLASS_NAMES[1:]:
+        raise ValueError(f"class_names must be one of {CLASS_NAMES[1:]}, not {class_names!r}")
+    bad = [n for n in names if not (n.isascii() and n.isdigit() and n == str(int(n)) and int(n) < len(IMAGENET))]
+    if bad:
+        raise SourceError(f"{printable(str(root))}: --class-names {class_names} needs class folders named 0..999, "
+                          f"found {len(bad)} other name(s): {', '.join(map(repr, bad[:5]))}"
+                          f"{' ...' if len(bad) > 5 else ''}")
+    order = IMAGENET.sorted_wnids if class_names == "sorted-index" else IMAGENET.wnids
+    return {n: order[int(n)] for n in names}
+
+
+def list_class_tree(root: Path, wnids: list[str] | None = None, class_names: str = "folder") -> Listing:
     """Every image under ``root/<class>/`` (recursively, links followed), sorted. ``wnids`` fixes the class list
     (val uses train's); otherwise it is the sorted folder names, or ImageNet's when they are all ILSVRC-2012
-    WNIDs."""
+    WNIDs, or when ``class_names`` reads numbered folders as ImageNet's classes (``index_wnids``)."""
     placeholder = Listing([], [], False)
     dirs = class_dirs(root, placeholder)
     if not dirs:
         raise SourceError(f"{root}: expected one folder per class (root/<class>/<image>), found none")
     names = [d.name for d in dirs]
-    imagenet = all(n in IMAGENET for n in names)
+    wnid_of = index_wnids(root, names, class_names) if class_names != "folder" else {n: n for n in names}
+    imagenet = all(w in IMAGENET for w in wnid_of.values())
     if wnids is None:
         wnids = list(IMAGENET.wnids) if imagenet else names
-    label_of = {w: i + 1 for i, w in enumerate(wnids)}
+    position = {w: i + 1 for i, w in enumerate(wnids)}
+    label_of = {n: position[wnid_of[n]] for n in names if wnid_of[n] in position}  # folder name -> label
     unknown = [n for n in names if n not in label_of]
     if unknown:
         raise SourceError(f"{root}: classes {unknown[:5]} are not among the training classes")
@@ -136,16 +159,17 @@ def list_class_tree(root: Path, wnids: list[str] | None = None) -> Listing:
     return listing
 
 
-def list_folder(root: str | Path) -> dict[str, Listing]:
-    """``{"train": ..., "val": ...}`` (val only when ``root/val`` exists)."""
+def list_folder(root: str | Path, class_names: str = "folder") -> dict[str, Listing]:
+    """``{"train": ..., "val": ...}`` (val only when ``root/val`` exists); ``class_names`` as for
+    ``list_class_tree``."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: expected a folder of class folders (root/<class>/<image>, or "
                           "root/train/<class>/<image> with an optional root/val/<class>/<image>)")
     if (root / "train").is_dir():
-        train = list_class_tree(root / "train")
+        train = list_class_tree(root / "train", class_names=class_names)
         out = {"train": train}
         if (root / "val").is_dir():
-            out["val"] = list_class_tree(root / "val", train.wnids)
+            out["val"] = list_class_tree(root / "val", train.wnids, class_names)
         return out
-    return {"train": list_class_tree(root)}
+    return {"train": list_class_tree(root, class_names=class_names)}
