@@ -364,7 +364,8 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
 
 def describe(path: str | Path, check: bool = False) -> dict:
     """What a dataset is: format, image size, splits and counts, label order, classes (num_classes: those that
-    occur in its splits; classes_in_table: its class table's) and where their table came from, mean, checksums. Every file's structure is checked; ``check`` also recomputes the checksums."""
+    occur in its splits; classes_in_table: its class table's) and where their table came from, mean, checksums.
+    Every file's structure is checked; ``check`` also recomputes the checksums."""
     path = Path(path)
     fmt = detect_format(path)
     info: dict = {"path": str(path), "format": fmt}

@@ -283,6 +283,9 @@ class ImageNetDS:
         raw, new = read_split(root, stored, fmt, table, _Selector(sub.lookup, max_per_class))
         if present:  # the classes that occur in train, relabelled 0..C-1 in ``order``
             wnids = _present(raw.labels, table) if stored == "train" else train_classes(root, fmt, table)
+            if not wnids:
+                raise ConfigError(f"{root}: its train split has no images, so no classes occur in it (classes="
+                                  "'present'): choose them (classes=N or a list of WNIDs)")
             sub, new = _relabel(raw.labels, wnids, order, table, f"{root} {split}")
         if split in splits_mod.NASBENCH201:
             rows = splits_mod.nasbench201_rows(split, sub.wnids, len(new), table is IMAGENET, str(root))
