@@ -194,3 +194,25 @@ def test_val_images_of_a_class_train_lacks_are_refused(tmp_path):
         check_environment(TrainConfig(data=str(root), out=str(tmp_path / "run"), device="cpu"))
     with pytest.raises(ConfigError, match="that train does not have"):
         open_dataset(root, "validation", classes="present")
+
+
+def test_a_run_evaluates_on_x_valid_or_search_valid(imagenet16, tmp_path):
+    import torch
+
+    from dsimagenet.data import Loader
+    from dsimagenet.train import TrainConfig, check_environment
+
+    fast = dict(data=str(imagenet16), classes=120, depth=8, device="cpu")
+    _, train_ds, val_ds = check_environment(TrainConfig(out=str(tmp_path / "a"), val_split="x-valid", **fast))
+    assert (train_ds.split, len(train_ds), val_ds.split) == ("train", TRAIN_120, "x-valid")
+    assert _digest(_number(val_ds.data).tolist()) == NB201["x-valid"][2]
+    loader = Loader(val_ds, 1000, "cpu", "none", shuffle=False, stats=Loader(train_ds, 128, "cpu").stats)
+    assert torch.equal(torch.cat([y for _, y in loader.epoch(0)]), torch.from_numpy(val_ds.targets))
+    _, train_ds, val_ds = check_environment(TrainConfig(out=str(tmp_path / "b"), val_split="search-valid", **fast))
+    assert _digest(_number(train_ds.data).tolist()) == NB201["search-train"][2]  # trains on the other half
+    assert _digest(_number(val_ds.data).tolist()) == NB201["search-valid"][2]
+    with pytest.raises(ConfigError, match=r"--val-split x-test is NAS-Bench-201's split of ImageNet16-120: it needs "
+                                          r"--classes 120, not None"):
+        TrainConfig(out=str(tmp_path / "c"), val_split="x-test", data=str(imagenet16))
+    with pytest.raises(ConfigError, match=r"not 150 \(NAS-Bench-201 publishes no split files for it\)"):
+        TrainConfig(out=str(tmp_path / "c"), val_split="search-valid", classes=150, data=str(imagenet16))

@@ -146,6 +146,10 @@ def validate(c: TrainConfig) -> None:
     if c.val_fraction is not None and c.val_split != "val":
         raise ConfigError(f"--val-fraction holds out a part of train to evaluate on, and --val-split {c.val_split} "
                           "names another split: give one of them")
+    if c.val_split not in ("val", "validation") and c.classes != 120:  # dsimagenet.splits.NASBENCH201_CLASSES
+        none = " (NAS-Bench-201 publishes no split files for it)" if c.classes else ""
+        raise ConfigError(f"--val-split {c.val_split} is NAS-Bench-201's split of ImageNet16-120: it needs --classes "
+                          f"120, not {c.classes}{none}")
     if c.nesterov and c.momentum == 0:
         raise ConfigError("--nesterov needs a --momentum above 0")
     if c.schedule == "step" and c.milestones and math.log(c.lr) + len(c.milestones) * max(0.0, math.log(c.gamma)) \
