@@ -92,7 +92,7 @@ class TrainConfig:
                                                "divide by the per-channel standard deviation")
     classes: int | None = recipe(None, check=integer(1, 1000, optional=True),
                                  help="train on the first N classes in devkit order (120: NAS-Bench-201's "
-                                      "ImageNet16-120)")
+                                      "ImageNet16-120); left out, on the classes that occur in train")
     max_per_class: int | None = recipe(None, check=integer(1, optional=True),
                                        help="at most N training images of each class")
     order: Order = recipe("devkit", help="label order: devkit (the official files') or sorted (torchvision's)")
