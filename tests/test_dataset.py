@@ -297,3 +297,23 @@ def test_a_class_subset_of_a_native_dataset_reads_only_its_rows(tiny, tmp_path, 
     keep.sort()
     np.testing.assert_array_equal(ds.data, np.asarray(full.data)[keep])
     assert not isinstance(ds.data, np.memmap) and sum(read) == len(keep) * 8 * 8 * 3
+
+
+def test_validation_is_val_and_torchvision_train_flag(tiny):
+    folder = tiny.official()
+    val = open_dataset(folder, "validation")  # TFDS's and Hugging Face's name
+    assert val.split == "val" and len(val) == 37
+    np.testing.assert_array_equal(val.data, tiny.val_images)
+    np.testing.assert_array_equal(val.targets, tiny.val_labels - 1)
+    np.testing.assert_array_equal(ImageNetDS(folder, train=False).data, tiny.val_images)
+    train = ImageNetDS(folder, train=True)
+    assert train.split == "train" and len(train) == 203
+    assert ImageNetDS(folder, "validation", train=False).split == "val"  # agreeing: fine
+    with pytest.raises(ConfigError, match="split='val' and train=True contradict each other"):
+        ImageNetDS(folder, "val", train=True)
+    with pytest.raises(ConfigError, match="contradict"):
+        open_dataset(folder, "train", train=False)
+    with pytest.raises(ConfigError, match="pass train=False"):
+        ImageNetDS(folder, False)
+    with pytest.raises(ConfigError, match="split must be one of train, val, validation, x-valid"):
+        open_dataset(folder, "test")

@@ -372,19 +372,22 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
 
 
 def describe(path: str | Path, check: bool = False) -> dict:
-    """What a dataset is: format, image size, splits and counts, label order, classes and where their table
-    came from, mean, checksums. Every file's structure is checked; ``check`` also recomputes the checksums."""
+    """What a dataset is: format, image size, splits and counts, label order, classes (num_classes: those that
+    occur in its splits; classes_in_table: its class table's) and where their table came from, mean, checksums.
+    Every file's structure is checked; ``check`` also recomputes the checksums."""
     path = Path(path)
     fmt = detect_format(path)
     info: dict = {"path": str(path), "format": fmt}
     if fmt == "native":
         meta = native.read_meta(path)
+        present: set[int] = set()  # the classes that occur: a build from 10 ImageNet folders has ImageNet's table
         for split in meta["splits"]:
-            native.open_split(path, split, meta)  # headers and labels, as a reader would find them
+            s = native.open_split(path, split, meta)  # headers and labels, as a reader would find them
+            present.update(np.unique(s.labels).tolist())
         native.read_mean(path, meta)
         info.update(image_size=meta["image_size"], method=meta.get("method"), source=meta.get("source"),
                     format_version=meta["version"], label_order=meta["label_order"],
-                    num_classes=meta["num_classes"], classes_from="native meta",
+                    num_classes=len(present), classes_in_table=meta["num_classes"], classes_from="native meta",
                     splits={k: v["count"] for k, v in meta["splits"].items()},
                     mean_per_channel=meta.get("mean", {}).get("per_channel"))
         if check:

@@ -4,6 +4,8 @@ dsimagenet's native format; whole, or as class subsets, in devkit or sorted labe
     >>> ds = open_dataset("Imagenet16_train.zip", classes=120)       # NAS-Bench-201's ImageNet16-120
     >>> ds.data.shape, ds.targets[:3], ds.wnids[0]                   # (151700, 16, 16, 3), labels 0..119
     >>> ds = ImageNetDS("out/32_box", split="val", order="sorted")    # torchvision's label order
+    >>> ds = open_dataset("Imagenet16", "x-valid", classes=120)       # NAS-Bench-201's x-valid: 3,000 images
+    >>> ds = ImageNetDS("out/32_box", train=False, classes="present")  # val, over the classes train has
     >>> img, label = ds[0]                                            # (PIL.Image, int)
 
 Native datasets open as memory maps in milliseconds; the official files are unpickled safely into one array
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from dsimagenet import labels as labels_mod
+from dsimagenet import splits as splits_mod
 from dsimagenet.errors import ConfigError, FormatError
 from dsimagenet.formats import native, official
 from dsimagenet.labels import IMAGENET, ClassTable
 
 FORMATS = ("native", "pickle", "npz")
+PRESENT = "present"  # classes="present": the classes that occur in train
 
 
 @dataclass
@@ -237,8 +241,14 @@ class ImageNetDS:
     """A downsampled ImageNet split, torchvision-style: ``ds[i]`` is ``(PIL.Image, int)`` (or what the
     transforms make of them).
 
-    ``order``: "devkit" (the official files' labels minus one) or "sorted" (torchvision's). ``classes``: None,
-    N (the first N devkit classes, relabelled 0..N-1, as NAS-Bench-201), or a list of WNIDs. ``max_per_class``
+    ``split``: "train" or "val" ("validation" too, TFDS's and Hugging Face's name); NAS-Bench-201's "x-valid" and
+    "x-test" (halves of ImageNet16-120's val) or "search-train" and "search-valid" (halves of its train), with
+    ``classes=120`` (see dsimagenet.splits). ``train``: torchvision's train=True/False, for split "train"/"val"
+    (given with ``split``, the two must agree). ``order``: "devkit" (the official files' labels minus one) or
+    "sorted" (torchvision's). ``classes``: None (every class of the dataset's table), N (the first N devkit
+    classes, relabelled 0..N-1, as NAS-Bench-201), a list of WNIDs, or "present": the classes that occur in the
+    train split (a dataset built from 10 ImageNet class folders has 10, where its table has ImageNet's 1000; a
+    val image of another class is then an error). ``max_per_class``
     keeps the first that many images of each class in file order. ``format``: None to detect, or one of
     "native", "pickle", "npz" when a folder holds several.
 
@@ -253,12 +263,12 @@ class ImageNetDS:
     1000 classes (their labels are then checked to be 1..1000).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", order: str = "devkit",
-                 classes: None | int | Sequence[str] = None, max_per_class: int | None = None,
+    def __init__(self, root: str | Path, split: str | None = None, order: str = "devkit",
+                 classes: None | int | str | Sequence[str] = None, max_per_class: int | None = None,
                  transform: Callable | None = None, target_transform: Callable | None = None,
-                 format: str | None = None):
-        if split not in ("train", "val"):
-            raise ConfigError(f"split must be 'train' or 'val', not {split!r}")
+                 format: str | None = None, *, train: bool | None = None):
+        split = splits_mod.resolve(split, train)  # "validation" is "val"; train=True/False as torchvision's
+        stored = splits_mod.stored_split(split)
         if max_per_class is not None and (not isinstance(max_per_class, (int, np.integer)) or
                                           isinstance(max_per_class, bool) or max_per_class < 1):
             raise ConfigError(f"max_per_class (--max-per-class) must be an integer of at least 1, or None, not "
@@ -268,8 +278,18 @@ class ImageNetDS:
         self.transform, self.target_transform = transform, target_transform
         fmt = format or detect_format(root)
         table, self.class_source = class_table(root, fmt)
-        sub = labels_mod.subset(classes, order, table)
-        raw, new = read_split(root, split, fmt, table, _Selector(sub.lookup, max_per_class))
+        present = isinstance(classes, str) and classes == PRESENT
+        sub = labels_mod.subset(None if present else classes, order, table)
+        raw, new = read_split(root, stored, fmt, table, _Selector(sub.lookup, max_per_class))
+        if present:  # the classes that occur in train, relabelled 0..C-1 in ``order``
+            wnids = _present(raw.labels, table) if stored == "train" else train_classes(root, fmt, table)
+            if not wnids:
+                raise ConfigError(f"{root}: its train split has no images, so no classes occur in it (classes="
+                                  "'present'): choose them (classes=N or a list of WNIDs)")
+            sub, new = _relabel(raw.labels, wnids, order, table, f"{root} {split}")
+        if split in splits_mod.NASBENCH201:
+            rows = splits_mod.nasbench201_rows(split, sub.wnids, len(new), table is IMAGENET, str(root))
+            raw.images, raw.labels, new = raw.images[rows], raw.labels[rows], new[rows]
         self.data: np.ndarray = raw.images
         self.targets: np.ndarray = new
         self.mean, self.format, self.image_size = raw.mean, raw.format, raw.image_size
@@ -277,6 +297,8 @@ class ImageNetDS:
         self.classes: list[str] = [table.name(w) for w in sub.wnids]
         self.class_to_idx = {w: i for i, w in enumerate(sub.wnids)}
         self.devkit_labels = raw.labels  # the files' own 1-based labels of the rows kept
+        self.table = table
+        self.selection: dict | None = None  # how rows were chosen, when not by a stored split (``take_rows``)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -296,11 +318,80 @@ class ImageNetDS:
                 f"of {self.image_size}x{self.image_size}, {len(self.wnids)} classes, {self.format})")
 
 
-def open_dataset(path: str | Path, split: str = "train", order: str = "devkit",
-                 classes: None | int | Sequence[str] = None, max_per_class: int | None = None,
-                 format: str | None = None) -> ImageNetDS:
+def open_dataset(path: str | Path, split: str | None = None, order: str = "devkit",
+                 classes: None | int | str | Sequence[str] = None, max_per_class: int | None = None,
+                 format: str | None = None, *, train: bool | None = None) -> ImageNetDS:
     """Open a dataset of any supported format; see ``ImageNetDS``."""
-    return ImageNetDS(path, split, order, classes, max_per_class, format=format)
+    return ImageNetDS(path, split, order, classes, max_per_class, format=format, train=train)
+
+
+def _present(devkit_labels: np.ndarray, table: ClassTable) -> list[str]:
+    return [table.wnids[k - 1] for k in np.unique(devkit_labels).tolist()]
+
+
+def _relabel(devkit_labels: np.ndarray, wnids: Sequence[str], order: str, table: ClassTable,
+             where: str) -> tuple[labels_mod.ClassSubset, np.ndarray]:
+    """The subset of ``wnids`` and the new labels of rows whose files' labels are ``devkit_labels``; ConfigError
+    naming ``where`` when a row is of another class (an image of a class the model never trains on)."""
+    sub = labels_mod.subset(list(wnids), order, table)
+    new = sub.lookup[devkit_labels]
+    if (new < 0).any():
+        other = _present(devkit_labels[new < 0], table)
+        raise ConfigError(f"{where}: {int((new < 0).sum())} images of {len(other)} class(es) that train does not "
+                          f"have ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}): a model trained on "
+                          "train's classes cannot predict them; choose the classes (classes=[...], --classes)")
+    return sub, new
+
+
+def train_classes(path: str | Path, fmt: str | None = None, table: ClassTable | None = None) -> list[str]:
+    """The WNIDs of the classes that occur in the train split, in the table's (devkit) order: what
+    ``classes="present"`` keeps. Native data: its labels.npy; official files: every train batch's labels
+    (each file is read, one at a time)."""
+    fmt = fmt or detect_format(path)
+    if table is None:
+        table = class_table(path, fmt)[0]
+    if fmt == "native":
+        return _present(native.open_split(path, "train").labels, table)
+    members = official.split_members(official.find_members(Path(path)), "train", fmt, str(path))
+    seen = np.zeros(len(table) + 1, bool)
+    for _, b in official.read_split(members, len(table)):
+        seen[b.labels] = True
+    return [table.wnids[k - 1] for k in np.flatnonzero(seen).tolist()]
+
+
+def has_split(path: str | Path, split: str, format: str | None = None) -> bool:
+    """Whether the dataset at ``path`` stores the split a name draws from (``splits.stored_split``)."""
+    stored = splits_mod.stored_split(split)
+    fmt = format or detect_format(path)
+    if fmt == "native":
+        return stored in native.read_meta(path)["splits"]
+    return any(m.split == stored and m.kind == fmt for m in official.find_members(Path(path)))
+
+
+def take_rows(ds: ImageNetDS, rows: np.ndarray, split: str, selection: dict | None = None) -> ImageNetDS:
+    """A copy of ``ds`` holding only ``rows`` (ascending), named ``split``: a part of a split, such as the held-out
+    part of train (its images read into memory; the classes, mean and table are ``ds``'s). ``selection``: how
+    the rows were chosen, kept as ``.selection`` (a run records it)."""
+    import copy
+
+    part = copy.copy(ds)
+    rows = np.asarray(rows, np.int64)
+    part.data, part.targets, part.devkit_labels = ds.data[rows], ds.targets[rows], ds.devkit_labels[rows]
+    part.split, part.selection = split, selection
+    return part
+
+
+def with_classes(ds: ImageNetDS, wnids: Sequence[str]) -> ImageNetDS:
+    """A copy of ``ds`` (the same images) relabelled 0..len-1 over the classes ``wnids`` in its order, such as a
+    val split over the classes its train split has; ConfigError when an image is of another class."""
+    import copy
+
+    out = copy.copy(ds)
+    sub, out.targets = _relabel(ds.devkit_labels, wnids, ds.order, ds.table, f"{ds.root} {ds.split}")
+    out.wnids = list(sub.wnids)
+    out.classes = [ds.table.name(w) for w in sub.wnids]
+    out.class_to_idx = {w: i for i, w in enumerate(sub.wnids)}
+    return out
 
 
 def fingerprint(path: str | Path) -> str:

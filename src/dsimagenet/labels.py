@@ -229,7 +229,7 @@ def subset(classes: None | int | Sequence[str] = None, order: str = "devkit",
                               f"the {what}")
         kept = list(table.wnids[:classes])
     elif isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
-        raise ConfigError(f"classes must be None, an int or a list of class names (WNIDs), not "
+        raise ConfigError(f"classes must be None, an int, a list of class names (WNIDs) or 'present', not "
                           f"{type(classes).__name__} {classes!r:.40}")
     else:
         kept = list(classes)

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
-from dsimagenet.dataset import ImageNetDS
+from dsimagenet import splits
+from dsimagenet.dataset import PRESENT, ImageNetDS, has_split, take_rows, with_classes
 from dsimagenet.errors import ConfigError
 from dsimagenet.formats import native
 from dsimagenet.model import default_depth, num_stacks, parameter_count
 from dsimagenet.recipe import TrainConfig
 
-__all__ = ["check_environment", "check_memory", "BLOCK_BYTES"]
+__all__ = ["check_environment", "check_memory", "open_splits", "split_record", "BLOCK_BYTES"]
 
 
 def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tuple[str, ImageNetDS, ImageNetDS]:
@@ -45,8 +47,7 @@ def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tu
         have = len(native.read_meta(c.data)["wnids"])
         if c.classes > have:
             raise ConfigError(f"--classes {c.classes}: {c.data} has {have} classes")
-    train_ds = ImageNetDS(c.data, "train", c.order, c.classes, c.max_per_class)
-    val_ds = ImageNetDS(c.data, "val", c.order, c.classes)
+    train_ds, val_ds = open_splits(c)
     size = train_ds.image_size
     if c.size is not None and c.size != size:
         raise ConfigError(f"--size {c.size}: the data {c.data} is {size} px")
@@ -56,7 +57,7 @@ def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tu
                           f"try {4 + 8 * stacks}")
     check_memory(c, device, local_rank, size, len(train_ds.wnids), len(train_ds), world)
     chosen = f" of the first {c.classes} classes (--classes)" if c.classes else ""
-    for split, ds in (("train", train_ds), ("val", val_ds)):
+    for split, ds in ((train_ds.split, train_ds), (val_ds.split, val_ds)):
         if len(ds) == 0:
             raise ConfigError(f"--data {c.data}: no {split} images{chosen}")
     if c.batch_size % world:
@@ -68,6 +69,38 @@ def check_environment(c: TrainConfig, world: int = 1, local_rank: int = 0) -> tu
                           f"{world} processes drop an epoch's last partial batch: use a --batch-size of at most "
                           f"{max(world, samples - samples % world)}")
     return device, train_ds, val_ds
+
+
+def open_splits(c: TrainConfig) -> tuple[ImageNetDS, ImageNetDS]:
+    """The run's train and val splits. Train: --classes, or by default the classes that occur in train (a
+    dataset of C classes trains a C-way head, whatever its class table holds), capped by --max-per-class. Val:
+    the split --val-split names, over train's classes (an image of another class is an error), or the part of
+    train --val-fraction holds out (seeded by --seed, stratified by class; the rest trains). ConfigError when the
+    data lacks the split asked for, naming --val-fraction."""
+    classes = c.classes if c.classes is not None else PRESENT
+    train_split = "search-train" if c.val_split == "search-valid" else "train"  # NAS-Bench-201's search halves
+    if c.val_fraction is None and not has_split(c.data, c.val_split):
+        stored = splits.stored_split(c.val_split)
+        if c.val_split != "val":
+            raise ConfigError(f"--val-split {c.val_split} draws from the {stored} split, and --data {c.data} has none")
+        raise ConfigError(f"--data {c.data} has no val split to evaluate on: pass --val-fraction F to hold out that "
+                          "fraction of each class of train (e.g. --val-fraction 0.1)")
+    train_ds = ImageNetDS(c.data, train_split, c.order, classes, c.max_per_class)
+    if c.val_fraction is not None:
+        mask = splits.holdout(train_ds.targets, c.val_fraction, c.seed, train_ds.wnids, where=f"--data {c.data} train")
+        record = splits.holdout_record(mask, train_ds.targets, c.val_fraction, c.seed)
+        return (take_rows(train_ds, np.flatnonzero(~mask), train_split),
+                take_rows(train_ds, np.flatnonzero(mask), splits.HOLDOUT, record))
+    if c.classes is None and c.val_split == "val":  # every val image, each checked to be of a class train has
+        return train_ds, with_classes(ImageNetDS(c.data, "val", c.order), train_ds.wnids)
+    return train_ds, ImageNetDS(c.data, c.val_split, c.order, classes if c.classes is not None else train_ds.wnids)
+
+
+def split_record(train_ds: ImageNetDS, val_ds: ImageNetDS) -> dict:
+    """What a run's config.json records of its splits: their names and images, and how val was chosen."""
+    return {"train": {"name": train_ds.split, "images": len(train_ds)},
+            "val": val_ds.selection or {"name": val_ds.split, "of": splits.stored_split(val_ds.split),
+                                        "images": len(val_ds)}}
 
 
 BLOCK_BYTES = 8 << 10  # a block's Python objects (six modules, their parameters): about 14 KiB measured

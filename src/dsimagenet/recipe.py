@@ -24,6 +24,7 @@ from dsimagenet.fields import (
     flag,
     integer,
     is_int,
+    is_number,
     number,
     operational,
     option,
@@ -42,6 +43,8 @@ Device = Literal["auto", "cpu", "cuda"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 SCHEDULES, AUGMENTS, NORMALIZE, ORDERS, DEVICES, COMPILE_MODES = (
     typing.get_args(t) for t in (Schedule, Augment, Normalize, Order, Device, CompileMode))
+ValSplit = Literal["val", "validation", "x-valid", "x-test", "search-valid"]  # see dsimagenet.splits
+VAL_SPLITS = typing.get_args(ValSplit)
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits, numpy any non-negative integer
 LARGEST = 1e38  # the learning rate and the decay are float32 scalars inside the optimizer (at most 3.4e38)
 MAX_WIDTH = 2.0**16  # 1M filters in the first stack; the model's memory is checked against the machine's
@@ -89,10 +92,17 @@ class TrainConfig:
                                                "divide by the per-channel standard deviation")
     classes: int | None = recipe(None, check=integer(1, 1000, optional=True),
                                  help="train on the first N classes in devkit order (120: NAS-Bench-201's "
-                                      "ImageNet16-120)")
+                                      "ImageNet16-120); left out, on the classes that occur in train")
     max_per_class: int | None = recipe(None, check=integer(1, optional=True),
                                        help="at most N training images of each class")
     order: Order = recipe("devkit", help="label order: devkit (the official files') or sorted (torchvision's)")
+    val_split: ValSplit = recipe("val", help="the split to evaluate on: val (or validation); x-valid or x-test, "
+                                              "NAS-Bench-201's halves of ImageNet16-120's val (with --classes 120); "
+                                              "search-valid, its half of train (training then uses the other half)")
+    val_fraction: float | None = recipe(None, check=(lambda v: v is None or (is_number(v) and 0 < v < 1),
+                                                     "a number in (0, 1) (or left out)"),
+                                        help="hold out this fraction of each class of train, chosen by --seed, and "
+                                             "evaluate on it instead of a val split")
     seed: int = recipe(0, check=integer(0, MAX_SEED), help="seed of the initialisation, shuffles and augmentation")
     device: Device = recipe("auto", help="auto, cpu or cuda")
     bf16: bool = recipe(True, help="bf16 autocast on CUDA")
@@ -116,6 +126,8 @@ class TrainConfig:
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.milestones, (list, tuple)):
             object.__setattr__(self, "milestones", tuple(self.milestones))
+        if self.val_split == "validation":  # one name for one split: a resume compares them
+            object.__setattr__(self, "val_split", "val")
         validate(self)
 
 
@@ -131,6 +143,13 @@ def validate(c: TrainConfig) -> None:
     check(c)
     if c.depth is not None and (c.depth - 4) % 2:
         raise ConfigError(f"--depth must be 4 + 2 * n * stacks (an even number >= 6), not {c.depth}")
+    if c.val_fraction is not None and c.val_split != "val":
+        raise ConfigError(f"--val-fraction holds out a part of train to evaluate on, and --val-split {c.val_split} "
+                          "names another split: give one of them")
+    if c.val_split not in ("val", "validation") and c.classes != 120:  # dsimagenet.splits.NASBENCH201_CLASSES
+        none = " (NAS-Bench-201 publishes no split files for it)" if c.classes else ""
+        raise ConfigError(f"--val-split {c.val_split} is NAS-Bench-201's split of ImageNet16-120: it needs --classes "
+                          f"120, not {c.classes}{none}")
     if c.nesterov and c.momentum == 0:
         raise ConfigError("--nesterov needs a --momentum above 0")
     if c.schedule == "step" and c.milestones and math.log(c.lr) + len(c.milestones) * max(0.0, math.log(c.gamma)) \

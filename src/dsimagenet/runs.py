@@ -1,7 +1,8 @@
 """A run directory holds everything needed to reproduce and report one training run.
 
     RUN/config.json       the format version, the TrainConfig, package versions, git commit, dataset
-                          fingerprint, and what the data decided (image size, depth, classes, method)
+                          fingerprint, and what the data decided (image size, depth, classes, method), the
+                          head's classes (class_wnids, in label order) and the splits (names, images, holdout)
     RUN/metrics.jsonl     one JSON line per epoch: lr, train loss/error, val loss, top-1/top-5 error, seconds
     RUN/per_class.csv     final per-class top-1/top-5 accuracy on val
     RUN/result.json       "status": "finished" with the final and epoch-31 errors (percent, to the decimals the
@@ -329,6 +330,19 @@ class Run:
     @property
     def num_classes(self) -> int:
         return self._fact("num_classes")
+
+    @property
+    def class_wnids(self) -> list[str] | None:
+        """The classes of the run's head in label order (output k is class_wnids[k]), as config.json records them;
+        None for a run made before they were recorded."""
+        v = self.config.get("class_wnids")
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(w, str) and w for w in v) or len(set(v)) != len(v) or (
+                isinstance(self.config.get("num_classes"), int) and len(v) != self.config["num_classes"]):
+            raise RunError(f"{self.path / CONFIG}: class_wnids must be the run's num_classes distinct class names, "
+                           f"found {v!r:.80}")
+        return list(v)
 
     @property
     def method(self) -> str | None:

@@ -221,12 +221,15 @@ def open_run(p: Parts, resume: bool) -> Iterator[Progress | dict]:
 
 
 def _start(p: Parts) -> Progress:
+    from dsimagenet.preflight import split_record
+
     c, run = p.config, p.run
     if p.dist.main:
         method = native.read_meta(c.data).get("method") if native.is_native(c.data) else None
         runs.write_json(run / runs.CONFIG, runs.config_record(
             c, dataset_fingerprint=p.fingerprint, world_size=p.dist.world, device=str(p.device), params=p.params,
-            depth=p.model.depth, image_size=p.model.image_size, num_classes=p.num_classes, method=method))
+            depth=p.model.depth, image_size=p.model.image_size, num_classes=p.num_classes, method=method,
+            class_wnids=list(p.val_ds.wnids), splits=split_record(p.loader.dataset, p.val_ds)))
         with runs.naming(run / runs.METRICS):
             (run / runs.METRICS).touch()
     return _progress(p)

@@ -211,9 +211,10 @@ def fig7_ranked_classes(run, out: Path, per_class_images: int = 6) -> Path | Non
     if not rows or not (Path(run.path) / CHECKPOINT).exists():
         return None
     c = run.train_config
+    classes = run.class_wnids if run.class_wnids is not None else c.classes  # the head's classes (C-way heads)
     try:
-        train_ds = open_dataset(c.data, "train", c.order, c.classes)
-        val = open_dataset(c.data, "val", c.order, c.classes)
+        train_ds = open_dataset(c.data, "train", c.order, classes)
+        val = open_dataset(c.data, "val", c.order, classes)
     except (OSError, ValueError):
         return None
     model = run.model()
