@@ -29,7 +29,7 @@ def _classes(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from dsimagenet.convert import convert
 
-    counts = convert(args.src, args.out, args.formats.split(","), args.src_format)
+    counts = convert(args.src, args.out, args.formats.split(","), args.src_format, args.labels_in)
     print(f"wrote {args.out} ({args.formats}): " + ", ".join(f"{k} {v:,} images" for k, v in counts.items()))
     return 0
 
@@ -39,7 +39,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from dsimagenet.convert import describe
 
-    info = describe(args.path, check=args.verify)
+    info = describe(args.path, check=args.verify, labels_in=args.labels_in)
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -197,14 +197,24 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--csv", action="store_true", help="comma-separated, with a header")
     p.set_defaults(func=_classes)
 
-    p = sub.add_parser("convert", help="convert a dataset between official pickle, npz and native formats",
-                       description="Stream SRC (a folder of official pickles or npz, their zips, or a native "
-                                   "dataset) into OUT, one batch file at a time.")
+    from dsimagenet.dataset import FORMATS
+    from dsimagenet.formats.hublabels import LABELS_IN
+
+    labels_in_help = ("the order of the integer labels of Hub parquet/WebDataset shards that do not name their "
+                      "classes: devkit (official labels minus one, TFDS) or sorted (sorted WNIDs, torchvision)")
+    p = sub.add_parser("convert", help="convert a dataset between official pickle, npz, native, parquet and "
+                                       "webdataset formats",
+                       description="Stream SRC (a folder of official pickles or npz, their zips, a native "
+                                   "dataset, or Hub parquet/WebDataset shards) into OUT, one batch at a time.",
+                       epilog="example: dsimagenet convert imagenet32-hub --labels-in devkit --out im32 "
+                              "--formats native,parquet")
     p.add_argument("src", help="dataset folder or official zip")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--formats", default="native", help="comma-separated: native,pickle,npz (default native)")
-    p.add_argument("--src-format", choices=["native", "pickle", "npz"],
+    p.add_argument("--formats", default="native", help="comma-separated: native,pickle,npz,parquet,webdataset "
+                                                       "(default native)")
+    p.add_argument("--src-format", choices=list(FORMATS),
                    help="which files of SRC to read when it holds several formats")
+    p.add_argument("--labels-in", choices=list(LABELS_IN), help=labels_in_help)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("info", help="describe a dataset: format, size, splits, counts, classes, mean",
@@ -213,6 +223,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("path")
     p.add_argument("--verify", action="store_true", help="recompute checksums; exit 1 if any fails")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--labels-in", choices=list(LABELS_IN), help=labels_in_help)
     p.set_defaults(func=_info)
 
     from dsimagenet.build import BuildConfig

@@ -24,10 +24,10 @@ import numpy as np
 
 from dsimagenet import labels as labels_mod
 from dsimagenet.errors import ConfigError, FormatError
-from dsimagenet.formats import native, official
+from dsimagenet.formats import hub, native, official, provenance
 from dsimagenet.labels import IMAGENET, ClassTable
 
-FORMATS = ("native", "pickle", "npz")
+FORMATS = ("native", "pickle", "npz", *hub.FORMATS)
 
 
 @dataclass
@@ -99,7 +99,13 @@ def detect_format(path: str | Path) -> str:
                                 f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
+    if path.is_file() and path.suffix == ".parquet":
+        return "parquet"
     kinds = {m.kind for m in official.find_members(path)}
+    if not kinds and (hub_format := hub.detect(path)) is not None:
+        return hub_format
+    if not kinds and (pixelrnn := provenance.pixelrnn(path)) is not None:
+        raise FormatError(f"{path}: {pixelrnn}")
     if not kinds and path.is_file():
         raise official.FormatError(f"{path}: no official batch files in this zip: expected train_data_batch_1..10 "
                                    "and/or val_data (pickles, or .npz), at its top or one folder down")
@@ -169,10 +175,16 @@ def _manifest_table(path: Path) -> ClassTable:
     return ClassTable(wnids, wnids)
 
 
-def class_table(path: str | Path, fmt: str, members: list[official.Member] | None = None) -> tuple[ClassTable, str]:
+def class_table(path: str | Path, fmt: str, members: list[official.Member] | None = None,
+                labels_in: str | None = None) -> tuple[ClassTable, str]:
     """The class table of the dataset at ``path`` and where it came from: the native meta.json; for official
-    files (which carry none) the manifest.json beside them; else ImageNet's 1000 classes, assumed."""
+    files (which carry none) the manifest.json beside them; else ImageNet's 1000 classes, assumed. Hub-layout
+    shards (parquet, webdataset): their ClassLabel names or our metadata, else ``labels_in`` (hub.open_hub)."""
     path = Path(path)
+    _check_labels_in(fmt, labels_in)
+    if fmt in hub.FORMATS:
+        labels = hub.open_hub(path, fmt, labels_in).labels
+        return labels.table, labels.source
     if fmt == "native":
         return _native_table(native.read_meta(path)), "native meta"
     folders = {path} if path.is_dir() else set()
@@ -188,10 +200,18 @@ def class_table(path: str | Path, fmt: str, members: list[official.Member] | Non
     return IMAGENET, ASSUMED
 
 
+def _check_labels_in(fmt: str, labels_in: str | None) -> None:
+    if labels_in is not None and fmt not in hub.FORMATS:
+        raise ConfigError(f"--labels-in {labels_in}: only Hub-layout shards (parquet, webdataset) need it; "
+                          f"{fmt} files say their own label order")
+
+
 def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
-               selector: _Selector | None = None) -> tuple[RawSplit, np.ndarray | None]:
+               selector: _Selector | None = None, labels_in: str | None = None) -> tuple[RawSplit, np.ndarray | None]:
     """Read a split of format ``fmt`` whose labels index ``table``, keeping only the rows ``selector`` keeps;
-    returns it and the new labels (or None)."""
+    returns it and the new labels (or None). ``labels_in``: the stored order of Hub-layout shards."""
+    if fmt in hub.FORMATS:
+        return _read_hub(Path(path), split, fmt, table, selector, labels_in)
     if fmt == "native":
         return _read_native(Path(path), split, table, selector)
     return _read_official(Path(path), split, fmt, table, selector)
@@ -233,6 +253,32 @@ def _read_official(path: Path, split: str, fmt: str, table: ClassTable, selector
     return raw, (np.concatenate(all_new) if selector is not None else None)
 
 
+def _read_hub(path: Path, split: str, fmt: str, table: ClassTable, selector: _Selector | None,
+              labels_in: str | None):
+    """Parquet or WebDataset shards, streamed (row group by row group, member by member) into one array; the
+    mean training image is summed exactly on the way (the shards do not carry it)."""
+    src = hub.open_hub(path, fmt, labels_in)
+    size = src.image_size
+    rows, all_labels, all_new = _Rows(size), [], []
+    sums, n = (np.zeros((size, size, 3), np.int64), 0) if split == "train" else (None, 0)
+    for images, labels in src.batches(split):
+        if sums is not None:
+            sums += images.sum(axis=0, dtype=np.int64)
+            n += len(images)
+        if selector is not None:
+            idx, new = selector(labels)
+            if len(idx) < len(labels):
+                images, labels = images[idx], labels[idx]
+            all_new.append(new)
+        rows.add(images, expected_total=src.counts.get(split, 0))
+        all_labels.append(labels)
+        del images
+    empty = np.empty(0, np.int64)
+    raw = RawSplit(rows.result(), np.concatenate(all_labels) if all_labels else empty,
+                   sums / n if n else None, table, fmt, size)
+    return raw, (np.concatenate(all_new) if all_new else empty) if selector is not None else None
+
+
 class ImageNetDS:
     """A downsampled ImageNet split, torchvision-style: ``ds[i]`` is ``(PIL.Image, int)`` (or what the
     transforms make of them).
@@ -240,7 +286,9 @@ class ImageNetDS:
     ``order``: "devkit" (the official files' labels minus one) or "sorted" (torchvision's). ``classes``: None,
     N (the first N devkit classes, relabelled 0..N-1, as NAS-Bench-201), or a list of WNIDs. ``max_per_class``
     keeps the first that many images of each class in file order. ``format``: None to detect, or one of
-    "native", "pickle", "npz" when a folder holds several.
+    "native", "pickle", "npz", "parquet", "webdataset" when a folder holds several. ``labels_in``: for Hub
+    parquet/WebDataset copies whose files do not name their classes, the order of the stored integers
+    ("devkit": the official labels minus one, TFDS's; "sorted": sorted WNIDs, torchvision's); never guessed.
 
     Attributes: ``data`` uint8 (N, S, S, 3), ``targets`` int64 (N,), ``classes`` (names in label order),
     ``wnids``, ``class_to_idx`` (WNID -> label), ``image_size``, ``mean`` (the mean training image, float64
@@ -256,7 +304,7 @@ class ImageNetDS:
     def __init__(self, root: str | Path, split: str = "train", order: str = "devkit",
                  classes: None | int | Sequence[str] = None, max_per_class: int | None = None,
                  transform: Callable | None = None, target_transform: Callable | None = None,
-                 format: str | None = None):
+                 format: str | None = None, labels_in: str | None = None):
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', not {split!r}")
         if max_per_class is not None and (not isinstance(max_per_class, (int, np.integer)) or
@@ -267,9 +315,9 @@ class ImageNetDS:
         self.root, self.split, self.order = Path(root), split, order
         self.transform, self.target_transform = transform, target_transform
         fmt = format or detect_format(root)
-        table, self.class_source = class_table(root, fmt)
+        table, self.class_source = class_table(root, fmt, labels_in=labels_in)
         sub = labels_mod.subset(classes, order, table)
-        raw, new = read_split(root, split, fmt, table, _Selector(sub.lookup, max_per_class))
+        raw, new = read_split(root, split, fmt, table, _Selector(sub.lookup, max_per_class), labels_in=labels_in)
         self.data: np.ndarray = raw.images
         self.targets: np.ndarray = new
         self.mean, self.format, self.image_size = raw.mean, raw.format, raw.image_size
@@ -298,9 +346,9 @@ class ImageNetDS:
 
 def open_dataset(path: str | Path, split: str = "train", order: str = "devkit",
                  classes: None | int | Sequence[str] = None, max_per_class: int | None = None,
-                 format: str | None = None) -> ImageNetDS:
+                 format: str | None = None, labels_in: str | None = None) -> ImageNetDS:
     """Open a dataset of any supported format; see ``ImageNetDS``."""
-    return ImageNetDS(path, split, order, classes, max_per_class, format=format)
+    return ImageNetDS(path, split, order, classes, max_per_class, format=format, labels_in=labels_in)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -321,8 +369,13 @@ def fingerprint(path: str | Path) -> str:
                               f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
         h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
         return h.hexdigest()
-    files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
-                    for m in official.find_members(path)})
+    hub_format = hub.detect(path) if not (path.is_dir() and any(official.find_members(path))) else None
+    if hub_format is not None:  # every shard, in name order (parquet.find_shards / webdataset.find_shards)
+        finder = hub.parquet.find_shards if hub_format == "parquet" else hub.webdataset.find_shards
+        files = sorted(p for group in finder(path).values() for p in group)
+    else:
+        files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
+                        for m in official.find_members(path)})
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
