@@ -124,6 +124,8 @@ def inspect(path: str | Path) -> Shard:
         raise FormatError(f"{path}: no label column (columns: {columns}): unlabelled images, such as the PixelRNN "
                           "downsampled ImageNet (van den Oord et al. 2016), are not the Chrabaszcz et al. data")
     t = schema.field(image).type
+    if isinstance(t, pa.ExtensionType):  # Array3D, when datasets is imported in this process and registered it
+        t = t.storage_type
     if _nested_uint8(t, 3):
         encoded = False
     elif _is_bytes(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and
