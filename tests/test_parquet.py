@@ -252,6 +252,9 @@ def test_the_pixelrnn_variant_is_refused(tmp_path):
         open_dataset(tmp_path / "valid_32x32")
     with pytest.raises(FormatError, match="PixelRNN"):
         describe(tmp_path)
+    (tmp_path / "valid_64x64.tar").write_bytes(b"\0" * 1024)
+    with pytest.raises(FormatError, match="PixelRNN"):
+        open_dataset(tmp_path / "valid_64x64.tar")
 
 
 def test_official_files_are_recognised_by_md5_or_said_unknown(tiny, monkeypatch):

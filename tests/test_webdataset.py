@@ -141,3 +141,14 @@ def test_a_build_writes_parquet_and_webdataset_from_the_same_rows(tmp_path):
     for name in ("train-00000-of-00001.parquet", "validation-00000.tar", "_info.json"):
         assert manifest["files"][name] == digest(d / name)  # hashed as written, checked here by reading
     assert not [p for p in d.iterdir() if ".tmp-" in p.name]
+
+
+def test_converting_a_folder_into_itself_adds_the_hub_formats(native):
+    src, data = native
+    convert(src, src, ["parquet", "webdataset"])
+    assert (src / "meta.json").exists() and (src / "_info.json").exists()
+    assert open_dataset(src, "val").format == "native"  # detected first; the others by name
+    for fmt in ("parquet", "webdataset"):
+        np.testing.assert_array_equal(open_dataset(src, "train", format=fmt).data, data["train"][0])
+    convert(src, src, ["webdataset"], src_format="parquet")  # rewritten from the parquet copy: the same bytes
+    np.testing.assert_array_equal(open_dataset(src, "val", format="webdataset").targets, data["val"][1] - 1)

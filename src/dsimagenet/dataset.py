@@ -101,6 +101,8 @@ def detect_format(path: str | Path) -> str:
         return "native"
     if path.is_file() and path.suffix == ".parquet":
         return "parquet"
+    if (pixelrnn := provenance.pixelrnn(path, look_inside=False)) is not None:
+        raise FormatError(f"{path}: {pixelrnn}")
     kinds = {m.kind for m in official.find_members(path)}
     if not kinds and (hub_format := hub.detect(path)) is not None:
         return hub_format

@@ -8,8 +8,9 @@ store them), whatever the files' own label order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,15 @@ class HubSource:
     shards: dict[str, list]  # split -> parquet.Shard or tar paths
     labels: Labels | None  # None: the order is unknown (describe without --labels-in)
     image_size: int
-    counts: dict[str, int]
     meta: dict  # what the files say about themselves: names, ours, image column kind (for provenance)
+    known_counts: dict[str, int] = field(default_factory=dict)  # from parquet footers or our _info.json
+
+    @functools.cached_property
+    def counts(self) -> dict[str, int]:
+        """Rows per split: parquet footers, our _info.json, else a pass over the tars' member headers (their
+        data skipped), made only when asked (a reader that streams every row does not need it)."""
+        return {split: self.known_counts[split] if split in self.known_counts else
+                sum(webdataset.count(p) for p in group) for split, group in self.shards.items()}
 
     @property
     def splits(self) -> list[str]:
@@ -116,11 +124,11 @@ def open_hub(path: str | Path, fmt: str, labels_in: str | None = None, need_labe
         info = webdataset.read_info(path) or {}
         ours_size = (info.get(hublabels.META_KEY) or {}).get("image_size") if isinstance(
             info.get(hublabels.META_KEY), dict) else None
-        counts = {split: sum(webdataset.count(p) for p in group) for split, group in shards.items()}
+        counts = webdataset.info_counts(info, shards)
         size = ours_size if isinstance(ours_size, int) else None
         if size is None:
             size = next((imgs.shape[1] for group in shards.values() for p in group
                          for imgs, _ in webdataset.iter_rows(p, None, limit=1)), None)
     if size is None:
         raise FormatError(f"{path}: no images in its {fmt} shards")
-    return HubSource(path, fmt, shards, labels, size, counts, meta)
+    return HubSource(path, fmt, shards, labels, size, meta, counts)

@@ -41,14 +41,14 @@ PIXELRNN_VAL = 49_999
 _PIXELRNN_NAME = re.compile(r"^(train|valid)_(32x32|64x64)(\.tar|\.zip)?$")
 
 
-def pixelrnn(path: str | Path) -> str | None:
+def pixelrnn(path: str | Path, look_inside: bool = True) -> str | None:
     """The reason to refuse ``path`` when it is (a folder holding) the PixelRNN release, ``train_32x32`` /
-    ``valid_64x64`` folders or tars of PNGs; else None."""
+    ``valid_64x64`` folders or tars of PNGs; else None. ``look_inside`` False: its name only (no listing)."""
     path = Path(path)
-    names = [path.name] + ([p.name for p in path.iterdir()] if path.is_dir() else [])
+    names = [path.name] + ([p.name for p in path.iterdir()] if look_inside and path.is_dir() else [])
     if any(_PIXELRNN_NAME.match(n) for n in names):
         return f"this is {PIXELRNN}"
-    if path.is_dir():
+    if look_inside and path.is_dir():
         pngs = sum(1 for p in path.iterdir() if p.suffix.lower() == ".png")
         if pngs == PIXELRNN_VAL:
             return f"{pngs:,} PNG files and no labels: this looks like {PIXELRNN}"

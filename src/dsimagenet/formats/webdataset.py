@@ -65,6 +65,22 @@ def read_info(root: Path) -> dict | None:
     return info
 
 
+def info_counts(info: dict, shards: dict[str, list[Path]]) -> dict[str, int]:
+    """Samples per split as ``_info.json`` lists them, for the splits whose shards it lists exactly as found
+    (a shard added or removed since makes the split counted from the tars instead)."""
+    out = {}
+    splits = info.get("splits") if isinstance(info.get("splits"), dict) else {}
+    for split, paths in shards.items():
+        entry = splits.get(HUB_SPLIT.get(split, split))
+        if not isinstance(entry, dict):
+            continue
+        names, lengths = entry.get("filenames"), entry.get("shard_lengths")
+        if isinstance(names, list) and isinstance(lengths, list) and sorted(names) == sorted(p.name for p in paths) \
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+            out[split] = sum(lengths)
+    return out
+
+
 def _split_key(name: str) -> tuple[str, str]:
     """``dir/KEY.ext.ext`` -> (``dir/KEY``, ``ext.ext``), as webdataset splits member names."""
     folder, _, base = name.rpartition("/")
