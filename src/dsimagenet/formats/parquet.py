@@ -38,6 +38,7 @@ HF_KEY, OUR_KEY = b"huggingface", hublabels.META_KEY.encode()
 GROUP_BYTES = 8 << 20  # a row group: what a streaming reader holds at once
 SHARD_BYTES = 512 << 20  # a shard file: the Hub's advice is a few hundred MB
 HUB_SPLIT = {"train": "train", "val": "validation"}
+ENCODINGS = ("PNG", "JPEG", "WEBP")  # what Pillow may parse an encoded image as: no other decoder is reached
 
 
 def find_shards(root: str | Path) -> dict[str, list[Path]]:
@@ -187,7 +188,7 @@ def decode(data: bytes, size: int | None, where: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=ENCODINGS) as im:
             if im.size[0] != im.size[1] or (size is not None and im.size != (size, size)):
                 want = f"{size}x{size}" if size else "square"
                 raise FormatError(f"{where}: a {im.size[0]}x{im.size[1]} image, expected {want}")
@@ -195,7 +196,7 @@ def decode(data: bytes, size: int | None, where: str) -> np.ndarray:
                 raise FormatError(f"{where}: a {im.mode} image, expected RGB (or grayscale)")
             im = im.convert("RGB") if im.mode != "RGB" else im
             return np.asarray(im, np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{where}: an image that cannot be decoded ({e})") from None
