@@ -152,3 +152,22 @@ def test_converting_a_folder_into_itself_adds_the_hub_formats(native):
         np.testing.assert_array_equal(open_dataset(src, "train", format=fmt).data, data["train"][0])
     convert(src, src, ["webdataset"], src_format="parquet")  # rewritten from the parquet copy: the same bytes
     np.testing.assert_array_equal(open_dataset(src, "val", format="webdataset").targets, data["val"][1] - 1)
+
+
+def test_a_build_of_class_folders_keeps_its_own_table_in_every_format(tmp_path):
+    rng = np.random.default_rng(9)
+    tree = tmp_path / "tree"
+    for wnid in ("wolf", "cat"):  # classes of its own: the build's table is these two, sorted
+        (tree / wnid).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tree / wnid / f"{i}.png")
+    build(BuildConfig(out=str(tmp_path / "o"), folder=str(tree), sizes=(8,), quiet=True, workers=1,
+                      formats=("native", "parquet", "webdataset")))
+    d = tmp_path / "o" / "8_box"
+    ref = open_dataset(d, format="native")
+    assert ref.wnids == ["cat", "wolf"]
+    for fmt in ("parquet", "webdataset"):
+        got = open_dataset(d, format=fmt)
+        assert got.wnids == ref.wnids and got.class_source.startswith("dsimagenet metadata")
+        np.testing.assert_array_equal(got.targets, ref.targets)
+        np.testing.assert_array_equal(got.data, ref.data)

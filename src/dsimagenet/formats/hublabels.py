@@ -149,9 +149,15 @@ def resolve(where: str, names: list[str] | None, ours: dict | None, labels_in: s
         wnids, table_names = ours.get("wnids"), ours.get("names")
         if not (isinstance(wnids, list) and wnids and all(isinstance(w, str) and w for w in wnids)):
             raise FormatError(f"{where}: its dsimagenet metadata has no class list ('wnids')")
-        found = _by_wnid(wnids, f"dsimagenet metadata in {where}")
-        if found.table is not IMAGENET and isinstance(table_names, list) and len(table_names) == len(wnids):
-            found = Labels(ClassTable(tuple(wnids), tuple(map(str, table_names))), found.to_devkit, found.source, None)
+        if len(set(wnids)) != len(wnids):
+            raise FormatError(f"{where}: its dsimagenet metadata names a class twice")
+        # the table exactly as written (a build of some ImageNet classes' folders keeps its own table, as the
+        # native files of the same build do): integer k is class k + 1 of it
+        names_ok = isinstance(table_names, list) and len(table_names) == len(wnids)
+        table = IMAGENET if tuple(wnids) == IMAGENET.wnids else \
+            ClassTable(tuple(wnids), tuple(map(str, table_names)) if names_ok else tuple(wnids))
+        found = Labels(table, np.arange(1, len(wnids) + 1, dtype=np.int64), f"dsimagenet metadata in {where}",
+                       "devkit" if table is IMAGENET else None)
     elif names is not None and names and all(isinstance(n, str) for n in names):
         if all(n in IMAGENET for n in names):
             found = _by_wnid(names, f"ClassLabel names (WNIDs) in {where}")
