@@ -288,3 +288,52 @@ def test_a_failed_parquet_write_leaves_no_shard_under_a_final_name(tfds_copy, tm
         convert(tfds_copy, tmp_path / "o", ["parquet"], labels_in="devkit")
     assert not (tmp_path / "o").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".o")]
+
+
+def _mutations(tmp_path, tries, seed):
+    """Our parquet shard with bytes flipped, cut or overwritten by a random 64-bit value: each opens with the
+    same data or is a clear error (no traceback: pyarrow's own errors are ours; a flipped pixel fails the page
+    CRC rather than reading as other pixels)."""
+    from dsimagenet.errors import DSImageNetError
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 256, (300, S, S, 3), dtype=np.uint8), rng.integers(1, 1001, 300)
+    w = parquet_format.StreamWriter(tmp_path, "train", S, IMAGENET)
+    w.append(x, y)
+    (name,) = w.close()
+    data = (tmp_path / name).read_bytes()
+    outcomes = {"same": 0, "clear": 0}
+    for i in range(tries):
+        m = bytearray(data)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 20)):
+                m[rng.integers(0, len(m))] = rng.integers(0, 256)
+        elif kind == 1:
+            m = m[: rng.integers(0, len(m))]
+        else:
+            at = rng.integers(0, len(m) - 8)
+            m[at:at + 8] = int(rng.integers(0, 2 ** 63)).to_bytes(8, "little")
+        root = tmp_path / f"m{i}"
+        root.mkdir()
+        (root / name).write_bytes(bytes(m))
+        try:
+            ds = open_dataset(root)
+        except DSImageNetError:
+            outcomes["clear"] += 1
+            continue
+        np.testing.assert_array_equal(ds.data, x, err_msg=f"try {i}: other pixels read without an error")
+        np.testing.assert_array_equal(ds.targets, y - 1, err_msg=f"try {i}")
+        outcomes["same"] += 1
+    return outcomes
+
+
+def test_mutated_parquet_is_the_same_data_or_a_clear_error(tmp_path):
+    outcomes = _mutations(tmp_path, 30, seed=2026)
+    assert outcomes["clear"] > 0
+
+
+@pytest.mark.reliability
+def test_1000_mutated_parquet_files(tmp_path):
+    outcomes = _mutations(tmp_path, 1000, seed=2027)
+    assert outcomes["clear"] > 500

@@ -94,6 +94,19 @@ def _nested_uint8(t, depth: int) -> bool:
     return pa.types.is_uint8(t)
 
 
+def _open(path: Path):
+    """A parquet file, its pages' CRCs checked where the writer stored them (we do)."""
+    return _arrow()[1].ParquetFile(path, page_checksum_verification=True)
+
+
+def _damaged(where, e: Exception) -> Exception:
+    """pyarrow's error about a file as a FormatError naming it; an error of the system (a missing file, no
+    permission, a failing disk: an OSError with an errno) stays what it is."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    return FormatError(f"{where}: not a readable parquet file ({str(e).strip()})")
+
+
 def _is_bytes(t) -> bool:
     pa = _arrow()[0]
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
@@ -105,10 +118,10 @@ def inspect(path: str | Path) -> Shard:
     pa, pq = _arrow()
     path = Path(path)
     try:
-        pf = pq.ParquetFile(path)
-    except pa.ArrowException as e:
-        raise FormatError(f"{path}: not a readable parquet file ({e})") from None
-    schema, rows = pf.schema_arrow, pf.metadata.num_rows
+        pf = _open(path)
+        schema, rows = pf.schema_arrow, pf.metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(path, e) from None
     meta = schema.metadata or {}
     hf = _json_meta(meta, HF_KEY, path) or {}
     features = (hf.get("info") or {}).get("features") or hf.get("features") or {}
@@ -236,9 +249,9 @@ def iter_rows(shard: Shard, size: int | None, limit: int | None = None) -> Itera
     """(images (n, S, S, 3) uint8, stored labels int64), one row group at a time."""
     pa, pq = _arrow()
     try:
-        pf = pq.ParquetFile(shard.path)
-    except pa.ArrowException as e:
-        raise FormatError(f"{shard.path}: not a readable parquet file ({e})") from None
+        pf = _open(shard.path)
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(shard.path, e) from None
     for g in range(pf.num_row_groups):
         where = f"{shard.path}: row group {g}"
         try:
@@ -250,7 +263,7 @@ def iter_rows(shard: Shard, size: int | None, limit: int | None = None) -> Itera
         except StopIteration:
             continue
         except (pa.ArrowException, OSError) as e:  # a truncated or damaged file shows here
-            raise FormatError(f"{where}: unreadable ({e})") from None
+            raise _damaged(where, e) from None
         lab = t.column(shard.label).combine_chunks()
         if lab.null_count:
             raise FormatError(f"{where}: a null label")
@@ -317,16 +330,21 @@ def _table(images: np.ndarray, labels0: np.ndarray, sch):
     return pa.Table.from_arrays([image, pa.array(np.asarray(labels0, np.int64))], schema=sch)
 
 
+def _writer(path: Path, sch):
+    """zstd (every reader of parquet the Hub's tools use has it), and a CRC of every page, which our reader
+    checks: a flipped byte in the pixels is an error, not other pixels."""
+    return _arrow()[1].ParquetWriter(path, sch, compression="zstd", write_page_checksum=True)
+
+
 def write_shard(path: Path, read: Callable[[int, int], np.ndarray], labels0: np.ndarray, size: int,
                 table: ClassTable) -> str:
     """Rows 0..len(labels0) of ``read`` into the shard ``path``, a row group at a time, under a temp name until
     complete; returns its sha256."""
     from dsimagenet.checksum import digest
 
-    _, pq = _arrow()
     sch, tmp, group = schema(size, table), temp_path(path), rows_per_group(size)
     try:
-        with pq.ParquetWriter(tmp, sch, compression="zstd") as w:
+        with _writer(tmp, sch) as w:
             for a in range(0, len(labels0), group):
                 b = min(a + group, len(labels0))
                 w.write_table(_table(read(a, b), labels0[a:b], sch), row_group_size=b - a)
@@ -405,8 +423,7 @@ class StreamWriter:
         a = 0
         while a < len(images):
             if self.writer is None:
-                _, pq = _arrow()
-                self.writer = pq.ParquetWriter(self._path(len(self.done)), self.sch, compression="zstd")
+                self.writer = _writer(self._path(len(self.done)), self.sch)
                 self.rows = 0
             b = min(len(images), a + self.per - self.rows)
             for c in range(a, b, self.group):
@@ -428,8 +445,7 @@ class StreamWriter:
 
         if self.writer is not None or not self.done:
             if self.writer is None:  # an empty split: one empty shard, so that the split exists
-                _, pq = _arrow()
-                self.writer = pq.ParquetWriter(self._path(0), self.sch, compression="zstd")
+                self.writer = _writer(self._path(0), self.sch)
             self._finish_shard()
         out = {}
         for i, tmp in enumerate(self.done):
