@@ -15,6 +15,7 @@ from dsimagenet import convert, describe, open_dataset
 from dsimagenet.build import BuildConfig, build
 from dsimagenet.checksum import digest
 from dsimagenet.errors import ConfigError, FormatError
+from dsimagenet.formats import webdataset as webdataset_format
 from dsimagenet.formats.native import NativeWriter
 from dsimagenet.labels import IMAGENET
 
@@ -102,6 +103,8 @@ def test_raw_npy_tars_of_another_tool_need_labels_in(tmp_path):
 @pytest.mark.parametrize("kind, message", [
     ("truncated", "damaged or truncated tar"), ("no image", "has no image"), ("bad cls", ".cls is not an integer"),
     ("wrong size", "a 4x4 image, expected 8x8"), ("bad npy", "a float32 array of shape"),
+    ("cut between members", "cut short"), ("damaged header", "a damaged member header"),
+    ("cls and json disagree", ".cls says 3, .json says 4"),
 ])
 def test_bad_tars_are_clear_errors(tmp_path, kind, message):
     root = tmp_path / kind
@@ -112,7 +115,9 @@ def test_bad_tars_are_clear_errors(tmp_path, kind, message):
     samples = {"no image": good + [("b.cls", b"1")], "bad cls": good + [("b.png", png.getvalue()), ("b.cls", b"x")],
                "wrong size": good, "bad npy": good + [("b.npy", _npy(np.zeros((S, S), np.float32))),
                                                        ("b.cls", b"1")],
-               "truncated": good}[kind]
+               "truncated": good, "cut between members": good + [("b.png", png.getvalue()), ("b.cls", b"1")],
+               "damaged header": good + [("b.png", png.getvalue()), ("b.cls", b"1")],
+               "cls and json disagree": good + [("a.json", b'{"label": 4}')]}[kind]
     if kind == "wrong size":
         small = io.BytesIO()
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(small, format="PNG")
@@ -121,6 +126,16 @@ def test_bad_tars_are_clear_errors(tmp_path, kind, message):
     _tar(f, samples)
     if kind == "truncated":
         f.write_bytes(f.read_bytes()[:700])
+    if kind == "cut between members":  # tarfile alone reads this as a shorter archive, without a word
+        with tarfile.open(f) as t:
+            at = t.getmembers()[2].offset
+        f.write_bytes(f.read_bytes()[:at])
+    if kind == "damaged header":  # tarfile alone ends the archive at it, without a word
+        with tarfile.open(f) as t:
+            at = t.getmembers()[2].offset
+        data = bytearray(f.read_bytes())
+        data[at + 100] ^= 0xFF
+        f.write_bytes(bytes(data))
     with pytest.raises(FormatError, match=message) as e:
         open_dataset(root, labels_in="devkit")
     assert str(f) in str(e.value)
@@ -171,3 +186,50 @@ def test_a_build_of_class_folders_keeps_its_own_table_in_every_format(tmp_path):
         assert got.wnids == ref.wnids and got.class_source.startswith("dsimagenet metadata")
         np.testing.assert_array_equal(got.targets, ref.targets)
         np.testing.assert_array_equal(got.data, ref.data)
+
+
+def _mutations(tmp_path, tries, seed):
+    """Our tar shard with bytes flipped, cut or overwritten: each reads as the same samples or is a clear
+    error; never fewer samples (tarfile ends an archive silently at a damaged header or a cut between members)
+    nor another label."""
+    from dsimagenet.errors import DSImageNetError
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 256, (60, S, S, 3), dtype=np.uint8), rng.integers(1, 1001, 60)
+    w = webdataset_format.StreamWriter(tmp_path, "train", S, IMAGENET)
+    w.append(x, y)
+    (name,) = w.close()[0]
+    data = (tmp_path / name).read_bytes()
+    outcomes = {"same": 0, "clear": 0}
+    for i in range(tries):
+        m = bytearray(data)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 20)):
+                m[rng.integers(0, len(m))] = rng.integers(0, 256)
+        elif kind == 1:
+            m = m[: rng.integers(0, len(m))]
+        else:
+            at = rng.integers(0, len(m) - 8)
+            m[at:at + 8] = int(rng.integers(0, 2 ** 63)).to_bytes(8, "little")
+        root = tmp_path / f"m{i}"
+        root.mkdir()
+        (root / name).write_bytes(bytes(m))
+        try:
+            ds = open_dataset(root, labels_in="devkit")
+        except DSImageNetError:
+            outcomes["clear"] += 1
+            continue
+        np.testing.assert_array_equal(ds.data, x, err_msg=f"try {i}: other samples read without an error")
+        np.testing.assert_array_equal(ds.targets, y - 1, err_msg=f"try {i}")
+        outcomes["same"] += 1
+    return outcomes
+
+
+def test_mutated_tars_are_the_same_samples_or_a_clear_error(tmp_path):
+    assert _mutations(tmp_path, 40, seed=2026)["clear"] > 0
+
+
+@pytest.mark.reliability
+def test_1000_mutated_tars(tmp_path):
+    assert _mutations(tmp_path, 1000, seed=2027)["clear"] > 500

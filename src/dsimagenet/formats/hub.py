@@ -45,6 +45,7 @@ class HubSource:
     image_size: int
     meta: dict  # what the files say about themselves: names, ours, image column kind (for provenance)
     known_counts: dict[str, int] = field(default_factory=dict)  # from parquet footers or our _info.json
+    shard_lengths: dict[Path, int] = field(default_factory=dict)  # tar -> samples, as our _info.json lists them
 
     @functools.cached_property
     def counts(self) -> dict[str, int]:
@@ -65,7 +66,7 @@ class HubSource:
         for shard in self.shards[split]:
             where = str(shard.path if self.format == parquet.FORMAT else shard)
             rows = parquet.iter_rows(shard, self.image_size) if self.format == parquet.FORMAT else \
-                webdataset.iter_rows(shard, self.image_size)
+                webdataset.iter_rows(shard, self.image_size, expect=self.shard_lengths.get(shard))
             for images, stored in rows:
                 yield images, stored, where
 
@@ -115,6 +116,7 @@ def open_hub(path: str | Path, fmt: str, labels_in: str | None = None, need_labe
         if need_labels or labels_in is not None:  # a --labels-in that contradicts the files is never dropped
             raise
         labels = None
+    lengths: dict[Path, int] = {}
     if fmt == parquet.FORMAT:
         counts = {split: sum(s.rows for s in group) for split, group in shards.items()}
         size = next((s.size for group in shards.values() for s in group if s.size), None)
@@ -124,11 +126,13 @@ def open_hub(path: str | Path, fmt: str, labels_in: str | None = None, need_labe
         info = webdataset.read_info(path) or {}
         ours_size = (info.get(hublabels.META_KEY) or {}).get("image_size") if isinstance(
             info.get(hublabels.META_KEY), dict) else None
-        counts = webdataset.info_counts(info, shards)
+        lengths = webdataset.info_lengths(info, shards)
+        counts = {split: sum(lengths[p] for p in group) for split, group in shards.items()
+                  if all(p in lengths for p in group)}
         size = ours_size if isinstance(ours_size, int) else None
         if size is None:
             size = next((imgs.shape[1] for group in shards.values() for p in group
                          for imgs, _ in webdataset.iter_rows(p, None, limit=1)), None)
     if size is None:
         raise FormatError(f"{path}: no images in its {fmt} shards")
-    return HubSource(path, fmt, shards, labels, size, meta, counts)
+    return HubSource(path, fmt, shards, labels, size, meta, counts, lengths if fmt == webdataset.FORMAT else {})

@@ -65,9 +65,10 @@ def read_info(root: Path) -> dict | None:
     return info
 
 
-def info_counts(info: dict, shards: dict[str, list[Path]]) -> dict[str, int]:
-    """Samples per split as ``_info.json`` lists them, for the splits whose shards it lists exactly as found
-    (a shard added or removed since makes the split counted from the tars instead)."""
+def info_lengths(info: dict, shards: dict[str, list[Path]]) -> dict[Path, int]:
+    """Samples per shard as ``_info.json`` lists them, for the splits whose shards it lists exactly as found
+    (a shard added or removed since makes the split counted from the tars instead). A shard that then holds
+    another number of samples is an error when it is read."""
     out = {}
     splits = info.get("splits") if isinstance(info.get("splits"), dict) else {}
     for split, paths in shards.items():
@@ -75,9 +76,11 @@ def info_counts(info: dict, shards: dict[str, list[Path]]) -> dict[str, int]:
         if not isinstance(entry, dict):
             continue
         names, lengths = entry.get("filenames"), entry.get("shard_lengths")
-        if isinstance(names, list) and isinstance(lengths, list) and sorted(names) == sorted(p.name for p in paths) \
-                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
-            out[split] = sum(lengths)
+        if isinstance(names, list) and isinstance(lengths, list) and len(names) == len(lengths) and \
+                sorted(names) == sorted(p.name for p in paths) and \
+                all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+            by_name = dict(zip(names, lengths, strict=True))
+            out.update({p: by_name[p.name] for p in paths})
     return out
 
 
@@ -95,15 +98,32 @@ def _open(path: Path, mode: str):
         raise FormatError(f"{path}: not a readable tar file ({e})") from None
 
 
+def _check_end(f, offset: int, path: Path) -> None:
+    """tarfile ends an archive silently at an unreadable member header, or where a file cut at a member
+    boundary ends: what follows the last member must be the end-of-archive blocks (at least two zero blocks of
+    512 bytes), and nothing else."""
+    f.seek(offset)
+    rest = 0
+    while chunk := f.read(1 << 20):
+        if chunk.count(0) != len(chunk):
+            at = offset + rest + len(chunk) - len(chunk.lstrip(bytes(1)))
+            raise FormatError(f"{path}: a damaged member header at byte {at:,}: the members after it cannot be "
+                              "read")
+        rest += len(chunk)
+    if rest < 1024:
+        raise FormatError(f"{path}: cut short: it ends after {offset:,} bytes without the end-of-archive blocks")
+
+
 def count(path: Path) -> int:
     """Samples in a shard, from its member headers (the data is skipped, not read)."""
     keys = set()
     try:
-        with _open(path, "r:") as t:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as t:
             for m in t:
                 key, ext = _split_key(m.name)
                 if m.isfile() and ext in IMAGE_EXTS:
                     keys.add(key)
+            _check_end(f, t.offset, path)
     except (tarfile.TarError, EOFError) as e:
         raise FormatError(f"{path}: a damaged or truncated tar ({e})") from None
     return len(keys)
@@ -137,7 +157,7 @@ def samples(path: Path) -> Iterator[tuple[str, str, bytes, bytes | None, bytes |
         return key, images[0], current[images[0]], current.get("cls"), current.get("json")
 
     try:
-        with _open(path, "r|") as t:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as t:
             for m in t:
                 if not m.isfile():
                     continue
@@ -153,6 +173,7 @@ def samples(path: Path) -> Iterator[tuple[str, str, bytes, bytes | None, bytes |
                 current[ext] = f.read()
                 if len(current[ext]) != m.size:
                     raise FormatError(f"{path}: {m.name} is cut short")
+            _check_end(raw, t.offset, path)
             if current:
                 yield flush()
     except (tarfile.TarError, EOFError) as e:
@@ -160,26 +181,34 @@ def samples(path: Path) -> Iterator[tuple[str, str, bytes, bytes | None, bytes |
 
 
 def _label(cls: bytes | None, js: bytes | None, where: str) -> int:
-    if cls is not None:
-        text = cls.strip()
-        if not text.lstrip(b"-").isdigit():
-            raise FormatError(f"{where}: .cls is not an integer ({cls[:20]!r})")
-        return int(text)
+    """The label from .cls, else from the .json's "label"; when both are there they must agree (a damaged
+    digit is then an error, not another class)."""
+    value = None
     if js is not None:
         try:
             value = json.loads(js).get("label")
         except (ValueError, AttributeError, RecursionError):
             value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        value = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if cls is not None:
+        text = cls.strip()
+        if not text.lstrip(b"-").isdigit():
+            raise FormatError(f"{where}: .cls is not an integer ({cls[:20]!r})")
+        if value is not None and int(text) != value:
+            raise FormatError(f"{where}: .cls says {int(text)}, .json says {value}")
+        return int(text)
+    if value is not None:
+        return value
     raise FormatError(f"{where}: no label (.cls, or 'label' in .json)")
 
 
-def iter_rows(path: Path, size: int | None, limit: int | None = None
+def iter_rows(path: Path, size: int | None, limit: int | None = None, expect: int | None = None
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images (n, S, S, 3) uint8, stored labels int64) of a shard, a few thousand samples at a time."""
-    images, labels = [], []
+    """(images (n, S, S, 3) uint8, stored labels int64) of a shard, a few thousand samples at a time;
+    ``expect``: the number of samples _info.json lists for it, checked."""
+    images, labels, n = [], [], 0
     for key, ext, data, cls, js in samples(path):
+        n += 1
         where = f"{path}: sample {key!r}"
         img = _image(ext, data, size, where)
         size = img.shape[0]
@@ -190,6 +219,8 @@ def iter_rows(path: Path, size: int | None, limit: int | None = None
         if len(images) == _BATCH:
             yield np.stack(images), np.array(labels, np.int64)
             images, labels = [], []
+    if expect is not None and limit is None and n != expect:
+        raise FormatError(f"{path}: {n:,} samples, {INFO} says {expect:,}")
     if images:
         yield np.stack(images), np.array(labels, np.int64)
 
