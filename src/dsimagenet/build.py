@@ -43,6 +43,8 @@ from dsimagenet.checksum import digest
 from dsimagenet.errors import ConfigError, DSImageNetError
 from dsimagenet.fields import check, is_int, option, recipe, text, whole
 from dsimagenet.formats import native, official
+from dsimagenet.formats import parquet as parquet_format
+from dsimagenet.formats import webdataset as webdataset_format
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.labels import IMAGENET, ClassTable
 from dsimagenet.resize import ImageError, Resize, resize_all
@@ -52,7 +54,7 @@ from dsimagenet.sources import imagenet as imagenet_source
 from dsimagenet.sources.records import Listing, OpenFiles, Record, printable, read_record
 from dsimagenet.versions import libjpeg_version, versions
 
-FORMATS = ("pickle", "npz", "native")
+FORMATS = ("pickle", "npz", "native", "parquet", "webdataset")
 WORK = ".build"
 LOCK = ".build.lock"
 _CHUNK_BYTES = 32 << 20
@@ -99,7 +101,8 @@ class BuildConfig:
         help="box (the paper), lanczos, bilinear, bicubic, hamming, nearest")
     formats: tuple[str, ...] = recipe(
         ("pickle", "native"), check=(lambda v: set(v) <= set(FORMATS), "among " + ", ".join(FORMATS)),
-        help="pickle (official), npz, native")
+        help="pickle (official), npz, native, parquet (Hugging Face datasets), webdataset (tar shards: "
+             "webdataset, timm)")
     aspect: Literal["squash", "center-crop"] = recipe("squash", help="squash (the paper) or center-crop")
     fast: bool = recipe(False, help="reduced-scale JPEG decoding: faster, close to but not the exact pixels")
     exif_transpose: bool = recipe(False, help="apply EXIF orientation (the paper ignores it)")
@@ -641,7 +644,7 @@ def _finish(c: BuildConfig, out: Path, splits: dict[str, Listing], order: dict, 
             mean = train_sum[at:at + 3 * size * size].reshape(size, size, 3) / len(labels["train"])
         at += 3 * size * size
         rows = {split: _kept(arrays[(split, size, method)], set(bad[split])) for split in splits}
-        outputs.append(_Output(c, dst, method, rows, labels, mean))
+        outputs.append(_Output(c, dst, method, rows, labels, mean, table))
     with _timed(timings, "formats (checksums, official files: in the workers)"):
         _run_jobs(pool, [job for o in outputs for job in o.jobs()])
     with _timed(timings, "meta.json and manifests"):
@@ -661,12 +664,16 @@ class _Output:
     arrays, the official batches); ``finish`` then writes the native meta.json and the manifest."""
 
     def __init__(self, c: BuildConfig, dst: Path, method: str, rows: dict[str, native.RowArray], labels: dict,
-                 mean: np.ndarray | None):
+                 mean: np.ndarray | None, table: ClassTable | None = None):
         self.c, self.dst, self.method, self.rows, self.labels, self.mean = c, dst, method, rows, labels, mean
         self.size = next(iter(rows.values())).row_shape[0]
-        kinds = [f for f in c.formats if f != "native"]
+        kinds = [f for f in c.formats if f in ("pickle", "npz")]
         self.official = {split: official.SplitWriter(dst, split, a.count, self.size, kinds, mean)
                          for split, a in rows.items()} if kinds else {}
+        # the Hub formats' shards, cut from the same rows, one job a shard (their labels need the class table)
+        self.shards = {(fmt, split): w.SplitWriter(dst, split, a.count, self.size, table)
+                       for fmt, w in (("parquet", parquet_format), ("webdataset", webdataset_format))
+                       if fmt in c.formats for split, a in rows.items()}
         self.digests: dict[str, tuple[str, str]] = {}  # split -> sha256 of images.npy's data, of the whole file
 
     def jobs(self) -> list[tuple[int, Callable, tuple, Callable]]:
@@ -678,13 +685,20 @@ class _Output:
         for split, w in self.official.items():
             out += [(job.rows.nbytes, job.run, (), w.add) for job in w.jobs(self.rows[split].read_range,
                                                                           self.labels[split])]
+        for (_, split), w in self.shards.items():
+            out += [(job.nbytes, job.run, (), w.add) for job in w.jobs(self.rows[split].read_range,
+                                                                     self.labels[split])]
         return out
 
     def finish(self, table: ClassTable, origin: dict, record: dict) -> dict:
         """The native meta.json (the images linked into place), then the manifest; returns the manifest."""
         files = {}
-        for w in self.official.values():
+        for w in (*self.official.values(), *self.shards.values()):
             files.update(w.close())
+        tars = {split: w.lengths() for (fmt, split), w in self.shards.items() if fmt == "webdataset"}
+        if tars:  # the shard list timm reads, and the class table
+            webdataset_format.write_info(self.dst, tars, table, self.size)
+            files[webdataset_format.INFO] = digest(self.dst / webdataset_format.INFO)
         if "native" in self.c.formats:
             writer = native.NativeWriter(self.dst, self.size, list(table.wnids), list(table.names),
                                          method=self.method, source=json.dumps(origin),

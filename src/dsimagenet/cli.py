@@ -29,7 +29,8 @@ def _classes(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from dsimagenet.convert import convert
 
-    counts = convert(args.src, args.out, args.formats.split(","), args.src_format, quiet=args.quiet)
+    counts = convert(args.src, args.out, args.formats.split(","), args.src_format, quiet=args.quiet,
+                     labels_in=args.labels_in)
     from dsimagenet.runs import plural
 
     print(f"wrote {args.out} ({args.formats}): " + ", ".join(f"{k} {plural(v, 'image')}" for k, v in counts.items()))
@@ -41,7 +42,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from dsimagenet.convert import describe
 
-    info = info_document(describe(args.path, check=args.verify))
+    info = info_document(describe(args.path, check=args.verify, labels_in=args.labels_in))
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -341,16 +342,25 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--csv", action="store_true", help="comma-separated, with a header")
     p.set_defaults(func=_classes)
 
-    p = sub.add_parser("convert", help="convert a dataset between official pickle, npz and native formats",
-                       description="Stream SRC (a folder of official pickles or npz, their zips, or a native "
-                                   "dataset) into OUT, one batch file at a time.",
+    from dsimagenet.dataset import FORMATS
+    from dsimagenet.formats.hublabels import LABELS_IN
+
+    labels_in_help = ("the order of the integer labels of Hub parquet/WebDataset shards that do not name their "
+                      "classes: devkit (official labels minus one, TFDS) or sorted (sorted WNIDs, torchvision)")
+    p = sub.add_parser("convert", help="convert a dataset between official pickle, npz, native, parquet and "
+                                       "webdataset formats",
+                       description="Stream SRC (a folder of official pickles or npz, their zips, a native "
+                                   "dataset, or Hub parquet/WebDataset shards) into OUT, one batch at a time.",
                        epilog=examples("dsimagenet convert Imagenet32_train --out i32-native",
-                                       "dsimagenet convert out/32_box --out out/32_box_npz --formats npz"))
+                                       "dsimagenet convert imagenet32-hub --labels-in devkit --out im32 "
+                                       "--formats native,parquet"))
     p.add_argument("src", help="dataset folder or official zip")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--formats", default="native", help="the formats to write, comma-separated: native, pickle, npz")
-    p.add_argument("--src-format", choices=["native", "pickle", "npz"],
+    p.add_argument("--formats", default="native",
+                   help="the formats to write, comma-separated: native, pickle, npz, parquet, webdataset")
+    p.add_argument("--src-format", choices=list(FORMATS),
                    help="which files of SRC to read when it holds several formats")
+    p.add_argument("--labels-in", choices=list(LABELS_IN), help=labels_in_help)
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary line and errors")
     p.set_defaults(func=_convert)
 
@@ -358,9 +368,11 @@ def _add_data_commands(sub) -> None:
                        description="Print what a dataset is; --verify also checks its sha256 checksums "
                                    "(native) or reads every batch file (official).",
                        epilog=examples("dsimagenet info out/32_box", "dsimagenet info Imagenet32_val.zip --json"))
-    p.add_argument("path", help="a dataset folder (native, official pickles or npz) or an official zip")
+    p.add_argument("path", help="a dataset folder (native, official pickles or npz, Hub parquet or WebDataset "
+                                "shards) or an official zip")
     p.add_argument("--verify", action="store_true", help="recompute checksums; exit 1 if any fails")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--labels-in", choices=list(LABELS_IN), help=labels_in_help)
     p.set_defaults(func=_info)
 
     from dsimagenet.build import BuildConfig

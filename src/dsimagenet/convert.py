@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from dsimagenet.dataset import MANIFEST, check_format, class_table, detect_format
-from dsimagenet.errors import ConfigError
-from dsimagenet.formats import native, official
+from dsimagenet.errors import ConfigError, FormatError
+from dsimagenet.formats import hub, native, official, parquet, provenance, webdataset
 from dsimagenet.formats.atomic import atomic_write, fsync_dir
 from dsimagenet.labels import ClassTable
 
-OUT_FORMATS = ("native", "pickle", "npz")
+OUT_FORMATS = ("native", "pickle", "npz", parquet.FORMAT, webdataset.FORMAT)
 _CHUNK_ROWS = 4096
 _STAGE = ".convert-"  # the temporary folder beside the destination: .<name>.convert-<pid>
 
@@ -55,8 +55,12 @@ class Source:
     mean: np.ndarray | None  # float64 (S, S, 3)
     # the first split's reader, its first batch already read (to learn the size and mean), so never read twice
     pending: tuple[str, Iterator[tuple[official.Member, official.Batch]]] | None = None
+    hub: hub.HubSource | None = None  # parquet or WebDataset shards
 
     def batches(self, split: str) -> Iterator[SourceBatch]:
+        if self.hub is not None:
+            yield from _hub_batches(self.hub, split)
+            return
         if self.format == "native":
             yield from _native_batches(self.path, split, self.image_size)
             return
@@ -91,10 +95,55 @@ def _native_batches(root: Path, split: str, size: int) -> Iterator[SourceBatch]:
         del rows
 
 
-def open_source(path: str | Path, format: str | None = None) -> Source:
+def _hub_batches(src: hub.HubSource, split: str) -> Iterator[SourceBatch]:
+    """The shards' rows cut as the official files are (ten train batches, one val_data), channel-planar, so
+    that every writer takes them as it takes official batches."""
+    n, size = src.counts[split], src.image_size
+    bounds = official.batch_bounds(n) if split == "train" else [(0, n)]
+    it = src.batches(split)
+    left_i, left_l = np.empty((0, size, size, 3), np.uint8), np.empty(0, np.int64)
+    for k, (a, b) in enumerate(bounds):
+        rows, labels, at = np.empty((b - a, 3 * size * size), np.uint8), np.empty(b - a, np.int64), 0
+        while at < b - a:
+            if not len(left_l):
+                nxt = next(it, None)
+                if nxt is None:
+                    raise FormatError(f"{src.path}: {split}: {a + at:,} rows, fewer than the {n:,} its shards' "
+                                      "metadata say")
+                left_i, left_l = nxt
+                continue
+            t = min(len(left_l), b - a - at)
+            rows[at:at + t], labels[at:at + t] = official.nhwc_to_planar(left_i[:t]), left_l[:t]
+            left_i, left_l, at = left_i[t:], left_l[t:], at + t
+        yield SourceBatch(k + 1 if split == "train" else 0, rows, labels)
+        del rows
+    if len(left_l) or next(it, None) is not None:
+        raise FormatError(f"{src.path}: {split}: more rows than the {n:,} its shards' metadata say")
+
+
+def _hub_source(path: Path, fmt: str, labels_in: str | None) -> Source:
+    """Parquet or WebDataset shards as a Source; their mean training image (not stored) is summed exactly in
+    a first pass over the train split."""
+    src = hub.open_hub(path, fmt, labels_in)
+    splits = src.splits
+    mean = None
+    if "train" in splits and src.counts["train"]:
+        sums = np.zeros((src.image_size, src.image_size, 3), np.int64)
+        for images, _ in src.batches("train"):
+            sums += images.sum(axis=0, dtype=np.int64)
+        mean = sums / src.counts["train"]
+    return Source(path, fmt, src.image_size, src.labels.table, src.labels.source, splits, mean, hub=src)
+
+
+def open_source(path: str | Path, format: str | None = None, labels_in: str | None = None) -> Source:
     path = Path(path)
     check_format(format)
     fmt = format or detect_format(path)
+    if fmt in hub.FORMATS:
+        return _hub_source(path, fmt, labels_in)
+    if labels_in is not None:
+        raise ConfigError(f"--labels-in {labels_in}: only Hub-layout shards (parquet, webdataset) need it; {fmt} "
+                          "files say their own label order")
     if fmt == "native":
         meta = native.read_meta(path)
         table, origin = class_table(path, fmt)
@@ -122,13 +171,21 @@ def _append_rows(sw: native.SplitWriter, rows: np.ndarray, labels: np.ndarray, s
         sw.append(official.planar_to_nhwc(rows[c: c + _CHUNK_ROWS], size), labels[c: c + _CHUNK_ROWS])
 
 
+def _append_hub(writers: list, rows: np.ndarray, labels: np.ndarray, size: int) -> None:
+    """Planar rows into parquet/WebDataset writers, a chunk at a time."""
+    for c in range(0, len(rows), _CHUNK_ROWS):
+        images = official.planar_to_nhwc(rows[c: c + _CHUNK_ROWS], size)
+        for w in writers:
+            w.append(images, labels[c: c + _CHUNK_ROWS])
+
+
 def _write(source: Source, src: Path, out: Path, formats: list[str], quiet: bool = False) -> dict:
     """Every file of the conversion into the empty folder ``out``; returns counts per split. Progress in images
     (of the total, when the source's metadata says it: a native source) through dsimagenet.progress."""
     from dsimagenet.progress import bar
 
     total = sum(v["count"] for v in native.read_meta(source.path)["splits"].values()) \
-        if source.format == "native" else None  # official files say their count only when read
+        if source.format == "native" else None  # official files and shards say their count only when read
     progress = bar(total, "convert", unit="img", quiet=quiet)
     size = source.image_size
     mean_rows = official.nhwc_to_planar(source.mean[None])[0] if source.mean is not None else None
@@ -137,13 +194,17 @@ def _write(source: Source, src: Path, out: Path, formats: list[str], quiet: bool
         writer = native.NativeWriter(out, size, list(source.table.wnids), list(source.table.names),
                                      source=str(src), extra={"converted_from": source.format})
         writer.mean = source.mean
-    counts = {}
+    counts, tar_lengths = {}, {}
     for split in source.splits:
         sw = writer.split(split) if writer else None
+        shards = ([parquet.StreamWriter(out, split, size, source.table)] if parquet.FORMAT in formats else []) + \
+            ([webdataset.StreamWriter(out, split, size, source.table)] if webdataset.FORMAT in formats else [])
         n = 0
         for b in source.batches(split):
             if sw is not None:
                 _append_rows(sw, b.rows, b.labels, size)
+            if shards:
+                _append_hub(shards, b.rows, b.labels, size)
             for kind in ("pickle", "npz"):
                 if kind in formats:
                     official.write_batch(out / official.batch_name(split, b.index, kind), b.rows, b.labels,
@@ -152,7 +213,13 @@ def _write(source: Source, src: Path, out: Path, formats: list[str], quiet: bool
             progress.update(len(b.rows))
             del b
         counts[split] = n
+        for w in shards:
+            done = w.close()
+            if isinstance(w, webdataset.StreamWriter):
+                tar_lengths[split] = done[1]
     progress.close()
+    if tar_lengths:
+        webdataset.write_info(out, tar_lengths, source.table, size)
     if writer:
         writer.close()
     if any(f != "native" for f in formats):  # official files carry no class table: it goes beside them
@@ -258,10 +325,16 @@ def _entry_format(name: str) -> str | None:
     m = _BATCH_NAME.match(name)
     if m:
         return "npz" if m.group(3) else "pickle"
+    m = _SHARD_NAME.match(name)
+    if m:
+        return parquet.FORMAT if m.group(2).endswith(".parquet") else webdataset.FORMAT
+    if name == webdataset.INFO:
+        return webdataset.FORMAT
     return None
 
 
 _BATCH_NAME = re.compile(r"^(train_data_batch_([1-9]|10)|val_data)(\.npz)?$")
+_SHARD_NAME = re.compile(r"^(train|validation)-\d{5}(-of-\d{5}\.parquet|\.tar)$")
 
 
 def _foreign(dst: Path) -> list[str]:
@@ -322,14 +395,16 @@ def _carry(dst: Path, stage: Path, formats: list[str]) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: str | None = None,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, labels_in: str | None = None) -> dict:
     """Write ``src`` (any format) to ``dst`` in each of ``formats``; returns counts per split.
 
     ``dst`` is new, empty, or a dataset folder dsimagenet wrote, and is replaced whole: every file is written
     into a hidden folder beside it, which is renamed into place when complete (the old folder renamed away
     first, then removed). A failed conversion leaves ``dst`` as it was; a killed one leaves the old or the new
     complete folder, and the next conversion into ``dst`` removes or finishes what it left. Converting a
-    folder into itself adds the formats written and keeps the others. Progress goes to stderr unless ``quiet``."""
+    folder into itself adds the formats written and keeps the others. ``labels_in``: the stored label order of
+    Hub parquet/WebDataset shards that do not name their classes ("devkit" or "sorted"). Progress goes to stderr
+    unless ``quiet``."""
     bad = [f for f in formats if f not in OUT_FORMATS]
     if bad or not formats or len(set(formats)) != len(formats):
         raise ConfigError(f"--formats must be among {OUT_FORMATS}, one or more, each once, got {formats}")
@@ -348,7 +423,7 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
         with _locked(dst.parent):
             recover(dst)
     _check_out(dst, in_place)
-    source = open_source(src, src_format)
+    source = open_source(src, src_format, labels_in)
     if in_place and source.format in formats:
         raise ConfigError(f"{dst}: converting a dataset onto itself in its own format would overwrite it")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -371,12 +446,45 @@ def convert(src: str | Path, dst: str | Path, formats: list[str], src_format: st
     return counts
 
 
-def describe(path: str | Path, check: bool = False) -> dict:
-    """What a dataset is: format, image size, splits and counts, label order, classes (num_classes: those that
-    occur in its splits; classes_in_table: its class table's) and where their table came from, mean, checksums.
-    Every file's structure is checked; ``check`` also recomputes the checksums."""
+def _describe_hub(path: Path, fmt: str, labels_in: str | None) -> dict:
+    """describe() of parquet or WebDataset shards: every row read (and checked); without a known label order
+    (the files name no classes and no ``labels_in``) the counts and pixels are still described."""
+    src = hub.open_hub(path, fmt, labels_in, need_labels=False)
+    splits, classes, mean = {}, set(), None
+    for split in src.splits:
+        n, sums = 0, np.zeros((src.image_size,) * 2 + (3,), np.int64)
+        for images, stored, where in src.raw_batches(split):
+            n += len(images)
+            if split == "train":
+                sums += images.sum(axis=0, dtype=np.int64)
+            if src.labels is not None:
+                classes.update(np.unique(src.labels.map(stored, where)).tolist())
+        splits[split] = n
+        if split == "train" and n:
+            mean = sums / n
+    known = src.labels is not None
+    return {"path": str(path), "format": fmt, "image_size": src.image_size,
+            "label_order": (src.labels.order or "the classes' own (as named in the files)") if known else
+            "unknown: give --labels-in devkit or sorted", "num_classes": len(classes) if known else None,
+            "classes_from": src.labels.source if known else None,
+            "classes_in_table": len(src.labels.table) if known else None, "splits": splits,
+            "mean_per_channel": [float(v) for v in mean.mean(axis=(0, 1))] if mean is not None else None,
+            "checksums": "not stored in the shards (each one was read and checked)",
+            "provenance": provenance.describe(path, fmt, hub_source=src)}
+
+
+def describe(path: str | Path, check: bool = False, labels_in: str | None = None) -> dict:
+    """What a dataset is: format, image size, splits and counts, label order, classes and where their table
+    came from (num_classes: those that occur in its splits; classes_in_table: its class table's), mean,
+    checksums, and its provenance (``formats.provenance``: the official release recognised
+    by MD5, a dsimagenet build or conversion, a Hub copy). Every file's structure is checked; ``check`` also
+    recomputes the checksums. ``labels_in``: the stored order of Hub shards that do not name their classes."""
     path = Path(path)
     fmt = detect_format(path)
+    if fmt in hub.FORMATS:
+        return _describe_hub(path, fmt, labels_in)
+    if labels_in is not None:
+        raise ConfigError(f"--labels-in {labels_in}: only Hub-layout shards (parquet, webdataset) need it")
     info: dict = {"path": str(path), "format": fmt}
     if fmt == "native":
         meta = native.read_meta(path)
@@ -393,6 +501,7 @@ def describe(path: str | Path, check: bool = False) -> dict:
         if check:
             problems = native.verify(path)
             info["checksums"] = "ok" if not problems else problems
+        info["provenance"] = provenance.describe(path, fmt)
         return info
     source = open_source(path, fmt)
     splits, classes = {}, set()
@@ -405,5 +514,6 @@ def describe(path: str | Path, check: bool = False) -> dict:
     info.update(image_size=source.image_size, label_order="devkit", num_classes=len(classes),
                 classes_from=source.class_source, classes_in_table=len(source.table), splits=splits,
                 mean_per_channel=[float(v) for v in source.mean.mean(axis=(0, 1))] if source.mean is not None
-                else None, checksums="not stored in the official files (each file was read and checked)")
+                else None, checksums="not stored in the official files (each file was read and checked)",
+                provenance=provenance.describe(path, fmt))
     return info

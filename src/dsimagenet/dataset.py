@@ -27,10 +27,10 @@ import numpy as np
 from dsimagenet import labels as labels_mod
 from dsimagenet import splits as splits_mod
 from dsimagenet.errors import ConfigError, FormatError
-from dsimagenet.formats import native, official
+from dsimagenet.formats import hub, native, official, provenance
 from dsimagenet.labels import IMAGENET, ClassTable
 
-FORMATS = ("native", "pickle", "npz")
+FORMATS = ("native", "pickle", "npz", *hub.FORMATS)
 PRESENT = "present"  # classes="present": the classes that occur in train
 
 
@@ -103,7 +103,15 @@ def detect_format(path: str | Path) -> str:
                                 f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
+    if path.is_file() and path.suffix == ".parquet":
+        return "parquet"
+    if (pixelrnn := provenance.pixelrnn(path, look_inside=False)) is not None:
+        raise FormatError(f"{path}: {pixelrnn}")
     kinds = {m.kind for m in official.find_members(path)}
+    if not kinds and (hub_format := hub.detect(path)) is not None:
+        return hub_format
+    if not kinds and (pixelrnn := provenance.pixelrnn(path)) is not None:
+        raise FormatError(f"{path}: {pixelrnn}")
     if not kinds and path.is_file():
         raise official.FormatError(f"{path}: no official batch files in this zip: expected train_data_batch_1..10 "
                                    "and/or val_data (pickles, or .npz), at its top or one folder down")
@@ -173,10 +181,16 @@ def _manifest_table(path: Path) -> ClassTable:
     return ClassTable(wnids, wnids)
 
 
-def class_table(path: str | Path, fmt: str, members: list[official.Member] | None = None) -> tuple[ClassTable, str]:
+def class_table(path: str | Path, fmt: str, members: list[official.Member] | None = None,
+                labels_in: str | None = None) -> tuple[ClassTable, str]:
     """The class table of the dataset at ``path`` and where it came from: the native meta.json; for official
-    files (which carry none) the manifest.json beside them; else ImageNet's 1000 classes, assumed."""
+    files (which carry none) the manifest.json beside them; else ImageNet's 1000 classes, assumed. Hub-layout
+    shards (parquet, webdataset): their ClassLabel names or our metadata, else ``labels_in`` (hub.open_hub)."""
     path = Path(path)
+    _check_labels_in(fmt, labels_in)
+    if fmt in hub.FORMATS:
+        labels = hub.open_hub(path, fmt, labels_in).labels
+        return labels.table, labels.source
     if fmt == "native":
         return _native_table(native.read_meta(path)), "native meta"
     folders = {path} if path.is_dir() else set()
@@ -192,10 +206,18 @@ def class_table(path: str | Path, fmt: str, members: list[official.Member] | Non
     return IMAGENET, ASSUMED
 
 
+def _check_labels_in(fmt: str, labels_in: str | None) -> None:
+    if labels_in is not None and fmt not in hub.FORMATS:
+        raise ConfigError(f"--labels-in {labels_in}: only Hub-layout shards (parquet, webdataset) need it; "
+                          f"{fmt} files say their own label order")
+
+
 def read_split(path: str | Path, split: str, fmt: str, table: ClassTable,
-               selector: _Selector | None = None) -> tuple[RawSplit, np.ndarray | None]:
+               selector: _Selector | None = None, labels_in: str | None = None) -> tuple[RawSplit, np.ndarray | None]:
     """Read a split of format ``fmt`` whose labels index ``table``, keeping only the rows ``selector`` keeps;
-    returns it and the new labels (or None)."""
+    returns it and the new labels (or None). ``labels_in``: the stored order of Hub-layout shards."""
+    if fmt in hub.FORMATS:
+        return _read_hub(Path(path), split, fmt, table, selector, labels_in)
     if fmt == "native":
         return _read_native(Path(path), split, table, selector)
     return _read_official(Path(path), split, fmt, table, selector)
@@ -237,6 +259,32 @@ def _read_official(path: Path, split: str, fmt: str, table: ClassTable, selector
     return raw, (np.concatenate(all_new) if selector is not None else None)
 
 
+def _read_hub(path: Path, split: str, fmt: str, table: ClassTable, selector: _Selector | None,
+              labels_in: str | None):
+    """Parquet or WebDataset shards, streamed (row group by row group, member by member) into one array; the
+    mean training image is summed exactly on the way (the shards do not carry it)."""
+    src = hub.open_hub(path, fmt, labels_in)
+    size = src.image_size
+    rows, all_labels, all_new = _Rows(size), [], []
+    sums, n = (np.zeros((size, size, 3), np.int64), 0) if split == "train" else (None, 0)
+    for images, labels in src.batches(split):
+        if sums is not None:
+            sums += images.sum(axis=0, dtype=np.int64)
+            n += len(images)
+        if selector is not None:
+            idx, new = selector(labels)
+            if len(idx) < len(labels):
+                images, labels = images[idx], labels[idx]
+            all_new.append(new)
+        rows.add(images, expected_total=src.counts.get(split, 0))
+        all_labels.append(labels)
+        del images
+    empty = np.empty(0, np.int64)
+    raw = RawSplit(rows.result(), np.concatenate(all_labels) if all_labels else empty,
+                   sums / n if n else None, table, fmt, size)
+    return raw, (np.concatenate(all_new) if all_new else empty) if selector is not None else None
+
+
 class ImageNetDS:
     """A downsampled ImageNet split, torchvision-style: ``ds[i]`` is ``(PIL.Image, int)`` (or what the
     transforms make of them).
@@ -250,7 +298,9 @@ class ImageNetDS:
     train split (a dataset built from 10 ImageNet class folders has 10, where its table has ImageNet's 1000; a
     val image of another class is then an error). ``max_per_class``
     keeps the first that many images of each class in file order. ``format``: None to detect, or one of
-    "native", "pickle", "npz" when a folder holds several.
+    "native", "pickle", "npz", "parquet", "webdataset" when a folder holds several. ``labels_in``: for Hub
+    parquet/WebDataset copies whose files do not name their classes, the order of the stored integers
+    ("devkit": the official labels minus one, TFDS's; "sorted": sorted WNIDs, torchvision's); never guessed.
 
     Attributes: ``data`` uint8 (N, S, S, 3), ``targets`` int64 (N,), ``classes`` (names in label order),
     ``wnids``, ``class_to_idx`` (WNID -> label), ``image_size``, ``mean`` (the mean training image, float64
@@ -266,7 +316,7 @@ class ImageNetDS:
     def __init__(self, root: str | Path, split: str | None = None, order: str = "devkit",
                  classes: None | int | str | Sequence[str] = None, max_per_class: int | None = None,
                  transform: Callable | None = None, target_transform: Callable | None = None,
-                 format: str | None = None, *, train: bool | None = None):
+                 format: str | None = None, labels_in: str | None = None, *, train: bool | None = None):
         split = splits_mod.resolve(split, train)  # "validation" is "val"; train=True/False as torchvision's
         stored = splits_mod.stored_split(split)
         if max_per_class is not None and (not isinstance(max_per_class, (int, np.integer)) or
@@ -277,12 +327,13 @@ class ImageNetDS:
         self.root, self.split, self.order = Path(root), split, order
         self.transform, self.target_transform = transform, target_transform
         fmt = format or detect_format(root)
-        table, self.class_source = class_table(root, fmt)
+        table, self.class_source = class_table(root, fmt, labels_in=labels_in)
         present = isinstance(classes, str) and classes == PRESENT
         sub = labels_mod.subset(None if present else classes, order, table)
-        raw, new = read_split(root, stored, fmt, table, _Selector(sub.lookup, max_per_class))
+        raw, new = read_split(root, stored, fmt, table, _Selector(sub.lookup, max_per_class), labels_in=labels_in)
         if present:  # the classes that occur in train, relabelled 0..C-1 in ``order``
-            wnids = _present(raw.labels, table) if stored == "train" else train_classes(root, fmt, table)
+            wnids = _present(raw.labels, table) if stored == "train" else \
+                train_classes(root, fmt, table, labels_in=labels_in)
             if not wnids:
                 raise ConfigError(f"{root}: its train split has no images, so no classes occur in it (classes="
                                   "'present'): choose them (classes=N or a list of WNIDs)")
@@ -320,9 +371,10 @@ class ImageNetDS:
 
 def open_dataset(path: str | Path, split: str | None = None, order: str = "devkit",
                  classes: None | int | str | Sequence[str] = None, max_per_class: int | None = None,
-                 format: str | None = None, *, train: bool | None = None) -> ImageNetDS:
+                 format: str | None = None, labels_in: str | None = None, *,
+                 train: bool | None = None) -> ImageNetDS:
     """Open a dataset of any supported format; see ``ImageNetDS``."""
-    return ImageNetDS(path, split, order, classes, max_per_class, format=format, train=train)
+    return ImageNetDS(path, split, order, classes, max_per_class, format=format, labels_in=labels_in, train=train)
 
 
 def _present(devkit_labels: np.ndarray, table: ClassTable) -> list[str]:
@@ -343,15 +395,18 @@ def _relabel(devkit_labels: np.ndarray, wnids: Sequence[str], order: str, table:
     return sub, new
 
 
-def train_classes(path: str | Path, fmt: str | None = None, table: ClassTable | None = None) -> list[str]:
+def train_classes(path: str | Path, fmt: str | None = None, table: ClassTable | None = None,
+                  labels_in: str | None = None) -> list[str]:
     """The WNIDs of the classes that occur in the train split, in the table's (devkit) order: what
     ``classes="present"`` keeps. Native data: its labels.npy; official files: every train batch's labels
     (each file is read, one at a time)."""
     fmt = fmt or detect_format(path)
     if table is None:
-        table = class_table(path, fmt)[0]
+        table = class_table(path, fmt, labels_in=labels_in)[0]
     if fmt == "native":
         return _present(native.open_split(path, "train").labels, table)
+    if fmt in hub.FORMATS:  # shards: read train (a row group or a shard at a time) for its labels
+        return _present(read_split(path, "train", fmt, table, labels_in=labels_in)[0].labels, table)
     members = official.split_members(official.find_members(Path(path)), "train", fmt, str(path))
     seen = np.zeros(len(table) + 1, bool)
     for _, b in official.read_split(members, len(table)):
@@ -365,6 +420,8 @@ def has_split(path: str | Path, split: str, format: str | None = None) -> bool:
     fmt = format or detect_format(path)
     if fmt == "native":
         return stored in native.read_meta(path)["splits"]
+    if fmt in hub.FORMATS:
+        return stored in hub.open_hub(path, fmt, need_labels=False).splits
     return any(m.split == stored and m.kind == fmt for m in official.find_members(Path(path)))
 
 
@@ -412,8 +469,13 @@ def fingerprint(path: str | Path) -> str:
                               f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
         h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
         return h.hexdigest()
-    files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
-                    for m in official.find_members(path)})
+    hub_format = hub.detect(path) if not (path.is_dir() and any(official.find_members(path))) else None
+    if hub_format is not None:  # every shard, in name order (parquet.find_shards / webdataset.find_shards)
+        finder = hub.parquet.find_shards if hub_format == "parquet" else hub.webdataset.find_shards
+        files = sorted(p for group in finder(path).values() for p in group)
+    else:
+        files = sorted({Path(m.where.split(".zip:")[0] + ".zip") if ".zip:" in m.where else Path(m.where)
+                        for m in official.find_members(path)})
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
