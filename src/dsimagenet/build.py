@@ -76,10 +76,12 @@ class BuildConfig:
     out: str = option(check=text(), help="the folder to build into (created)")
     train: str | None = recipe(
         None, check=text(optional=True),
-        help="ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, or the Kaggle root")
+        help="ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, the Kaggle root, or a "
+             "Hub copy (ILSVRC/imagenet-1k parquet, timm/imagenet-1k-wds)")
     val: str | None = recipe(
         None, check=text(optional=True),
-        help="ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root")
+        help="ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, the Kaggle root, "
+             "or a Hub copy (ILSVRC/imagenet-1k parquet, timm/imagenet-1k-wds)")
     folder: str | None = recipe(
         None, check=text(optional=True),
         help="any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>")
@@ -200,11 +202,12 @@ def _run_chunk(task: dict) -> dict:
     records: list[Record] = task["records"]
     rows = {c: np.zeros((len(records), c[0], c[0], 3), np.uint8) for c in r.combos}
     notes, bad = [], []
+    positions = task.get("positions")  # rows read in file order go to these rows of the arrays (_file_order)
     for i, rec in enumerate(records):
         try:
             out, note = resize_all(read_record(rec, _files), r)
         except ImageError as e:
-            bad.append((task["start"] + i, rec.key, str(e)))
+            bad.append((task["start"] + i if positions is None else int(positions[i]), _named(rec), str(e)))
             if not task["skip_bad"]:
                 break
             continue
@@ -213,15 +216,23 @@ def _run_chunk(task: dict) -> dict:
         for c in r.combos:
             rows[c][i] = out[c]
         if note:
-            notes.append((rec.key, note))
+            notes.append((_named(rec), note))
     if bad and not task["skip_bad"]:
         return {"bad": bad}
     for c, array in task["arrays"].items():
-        array.write_at(task["start"], rows[c])
+        if positions is None:
+            array.write_at(task["start"], rows[c])
+        else:
+            array.write_rows(positions, rows[c])
     if task["sums"] is not None:  # exact integers; skipped rows are zeros and add nothing
         sums = [rows[c].sum(axis=0, dtype=np.int64).reshape(-1) for c in r.combos]
         task["sums"].write_at(task["chunk"], np.concatenate(sums)[None])
     return {"split": task["split"], "chunk": task["chunk"], "notes": notes, "bad": bad}
+
+
+def _named(rec: Record) -> str:
+    """An image's name in the manifest and in messages: its key, and where a Hub image is (shard, row/member)."""
+    return f"{rec.key} ({rec.where})" if rec.where else rec.key
 
 
 # --- planning ----------------------------------------------------------------------------------------------
@@ -234,9 +245,13 @@ def _listings(c: BuildConfig) -> tuple[dict[str, Listing], dict]:
     if c.train:
         out["train"] = imagenet_source.list_train(c.train)
         origin["train"] = str(c.train)
+        if out["train"].layout:
+            origin["train_layout"] = out["train"].layout
     if c.val:
         out["val"], labels_from = imagenet_source.list_val(c.val, c.devkit)
         origin["val"] = str(c.val)
+        if out["val"].layout:
+            origin["val_layout"] = out["val"].layout
         origin["val_labels"] = labels_from
     return out, origin
 
@@ -440,10 +455,12 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
             json.dump({"digest": digest_, "rows_per_chunk": chunk}, f)
     tasks = []
     for split, lst in splits.items():
+        read, positions = _file_order(lst, order[split])
         for k, a in enumerate(range(0, len(lst.records), chunk)):  # the journal's chunk numbers mean these bounds
             if (split, k) not in done:
                 tasks.append({"split": split, "chunk": k, "start": a, "resize": c.resize, "skip_bad": c.skip_bad,
-                              "records": [lst.records[i] for i in order[split][a:a + chunk]],
+                              "records": [lst.records[i] for i in read[a:a + chunk]],
+                              "positions": None if positions is None else positions[a:a + chunk],
                               "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos},
                               "sums": sums.get(split)})
     with _pool(c, workers) as pool:  # one pool: the chunks, then the formats' jobs
@@ -452,6 +469,20 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
         manifests = _finish(c, out, splits, order, arrays, sums, done, origin, pool, timings)
     shutil.rmtree(work)
     return manifests
+
+
+def _file_order(lst: Listing, order: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Which records each chunk reads, and where their rows go. Usually chunk k reads the records of rows
+    k*chunk.. of the seeded order and writes them there (positions None). A parquet source is read in file order
+    instead (a row group is compressed pages: read once, whole, by one worker), each row written to its place in
+    the seeded order: the same bytes in the same rows."""
+    if not lst.in_file_order:
+        return order, None
+    read = np.array(sorted(range(len(lst.records)), key=lambda i: (lst.records[i].path, lst.records[i].group,
+                                                                     lst.records[i].offset)), np.int64)
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))  # record i becomes row place[i]
+    return read, place[read]
 
 
 def _work_arrays(c: BuildConfig, work: Path, splits: dict[str, Listing], done: dict,
