@@ -71,7 +71,7 @@ def wds_sample(key: str, name: str, wnid: str, data: bytes) -> dict[str, bytes]:
 
 
 def tar_of(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+    with tarfile.open(path, "w") as t:  # tarfile's default format, as webdataset's TarWriter writes
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -197,7 +197,8 @@ def test_a_row_without_image_bytes_is_a_per_image_error_and_resumes(hub, tmp_pat
     with pytest.raises(BuildError, match=r"\(train-00000-of-00001.parquet row 9\): no image bytes"):
         build(BuildConfig(out=str(tmp_path / "o"), **kw))
     journal = (tmp_path / "o" / ".build" / "done.jsonl").read_text().splitlines()
-    assert [json.loads(line)["chunk"] for line in journal] == [0, 1, 2]  # rows 0..8 in file order: kept ...
+    # chunks of whole row groups (4 rows each, chunk_rows 3): rows 0..7 in file order were kept ...
+    assert [json.loads(line)["chunk"] for line in journal] == [0, 1]
     build(BuildConfig(out=str(tmp_path / "o"), skip_bad=True, **kw))  # ... and resumed from
     build(BuildConfig(out=str(tmp_path / "fresh"), skip_bad=True, **kw))
     resumed, fresh = files_of(tmp_path / "o" / "8_box"), files_of(tmp_path / "fresh" / "8_box")
@@ -270,3 +271,21 @@ def test_the_parquet_fixture_loads_with_datasets(hub):
     assert ds.features["image"].__class__.__name__ == "Image"
     img = ds[0]["image"]
     assert img.size == __import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(items["train"][0][2])).size
+
+
+def test_parquet_chunks_are_whole_row_groups():
+    """Each row group is read by one worker: chunks end where a row group does once chunk_rows are reached, hold
+    at most 2 * chunk_rows (a larger row group is cut), and are never more than ceil(n / chunk_rows)."""
+    from dsimagenet.build import _bounds
+    from dsimagenet.sources.records import Listing, Record
+
+    sizes = {"a": [5, 1, 1, 1, 9], "b": [2, 2]}  # rows per row group, per file
+    records = [Record(f"{f}{g}-{r}", 1, f, r, 0, g) for f, groups in sizes.items()
+               for g, n in enumerate(groups) for r in range(n)]
+    listing = Listing(records, [], True, in_file_order=True)
+    bounds = _bounds(listing, np.arange(len(records)), 3)
+    #         group a0 (5)  a1+a2+a3 (3)  a4 (9 > 2*3: cut at 6)  b0+b1 (4)
+    assert bounds == [(0, 5), (5, 8), (8, 14), (14, 17), (17, 21)]
+    assert len(bounds) <= -(-len(records) // 3)
+    plain = Listing(records, [], True)
+    assert _bounds(plain, np.arange(len(records)), 8) == [(0, 8), (8, 16), (16, 21)]

@@ -456,11 +456,11 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
     tasks = []
     for split, lst in splits.items():
         read, positions = _file_order(lst, order[split])
-        for k, a in enumerate(range(0, len(lst.records), chunk)):  # the journal's chunk numbers mean these bounds
+        for k, (a, b) in enumerate(_bounds(lst, read, chunk)):  # the journal's chunk numbers mean these bounds
             if (split, k) not in done:
                 tasks.append({"split": split, "chunk": k, "start": a, "resize": c.resize, "skip_bad": c.skip_bad,
-                              "records": [lst.records[i] for i in read[a:a + chunk]],
-                              "positions": None if positions is None else positions[a:a + chunk],
+                              "records": [lst.records[i] for i in read[a:b]],
+                              "positions": None if positions is None else positions[a:b],
                               "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos},
                               "sums": sums.get(split)})
     with _pool(c, workers) as pool:  # one pool: the chunks, then the formats' jobs
@@ -483,6 +483,27 @@ def _file_order(lst: Listing, order: np.ndarray) -> tuple[np.ndarray, np.ndarray
     place = np.empty(len(order), np.int64)
     place[order] = np.arange(len(order))  # record i becomes row place[i]
     return read, place[read]
+
+
+def _bounds(lst: Listing, read: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """The chunks' bounds in ``read``: ``chunk`` rows each, or, for a source read in file order, cut where a row
+    group ends once ``chunk`` rows are reached (so that one worker reads each row group), at most 2 * ``chunk``
+    rows (a row group larger than that is read by several). Never more chunks than ceil(n / chunk): the pixel
+    sums' rows (_work_arrays) suffice, and those left over stay zeros."""
+    n = len(read)
+    if not lst.in_file_order:
+        return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    out, a = [], 0
+    for i in range(1, n + 1):
+        if i == n or i - a >= 2 * chunk:
+            out.append((a, i))
+            a = i
+        elif i - a >= chunk:
+            prev, rec = lst.records[read[i - 1]], lst.records[read[i]]
+            if (prev.path, prev.group) != (rec.path, rec.group):
+                out.append((a, i))
+                a = i
+    return out
 
 
 def _work_arrays(c: BuildConfig, work: Path, splits: dict[str, Listing], done: dict,

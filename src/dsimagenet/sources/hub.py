@@ -62,10 +62,13 @@ def detect(path: str | Path) -> str | None:
         return WEBDATASET if _WDS_RE.match(path.name) else None
     if not path.is_dir():
         return None
-    for folder in (path / "data", path):
-        if folder.is_dir() and any(_PARQUET_RE.match(n) for n in os.listdir(folder)):
-            return PARQUET
-    return WEBDATASET if any(_WDS_RE.match(n) for n in os.listdir(path)) else None
+    try:
+        for folder in (path / "data", path):
+            if folder.is_dir() and any(_PARQUET_RE.match(n) for n in os.listdir(folder)):
+                return PARQUET
+        return WEBDATASET if any(_WDS_RE.match(n) for n in os.listdir(path)) else None
+    except OSError as e:  # never "not a Hub copy" for a folder that could not be looked at
+        raise SourceError(f"{printable(str(path))}: cannot list this folder: {e.strerror or e}") from None
 
 
 def shards(path: Path, split: str, layout: str) -> list[Path]:
@@ -224,7 +227,7 @@ def _list_parquet(listing: Listing, path: Path, split: str, truth: np.ndarray | 
                 continue
             d = int(devkit[label])
             if (key := _key(name, d, split, where, listing, truth)) is not None:
-                listing.records.append(Record(key, d, str(path), i, 0, g, where))
+                listing.records.append(Record(key, d, str(path), i, 0, g, "" if where in key else where))
         row += len(labels)
 
 
