@@ -7,8 +7,8 @@
 Parquet: ``ROOT/data/{train,validation}-NNNNN-of-NNNNN.parquet`` (or the shards in ROOT itself, or one .parquet
 file), columns ``image`` (``{bytes, path}``: the original JPEG bytes) and ``label`` (0..999 in sorted-WNID order,
 -1 in test). Listing reads each shard's footer and its ``label`` and ``image.path`` columns, row group by row group;
-a worker reads a row group's ``image.bytes`` once (``read_parquet_image``) and the build asks for the rows in
-file order (``Listing.in_file_order``), so memory stays at one row group a worker.
+the build gives each worker whole row groups in file order (``Listing.in_file_order``, build._bounds), which it
+streams a few rows at a time (``read_parquet_image``): memory stays flat whatever the row groups' size.
 WebDataset: ``imagenet1k-{train,validation}-NNNN.tar``; a sample is the members sharing a key: ``KEY.jpg``,
 ``KEY.cls`` (the label as ASCII digits, sorted-WNID order), ``KEY.json`` (the original file name). Images are byte
 ranges of the shards, read with one pread like the official tars'.
@@ -232,40 +232,62 @@ def _list_parquet(listing: Listing, path: Path, split: str, truth: np.ndarray | 
 
 
 class _RowGroups:
-    """A worker's parquet state: a few open files, and the image bytes of the row group read last (records
-    arrive in file order, so each row group is read once)."""
+    """A worker's parquet state: a few open files, and a stream over the row group it reads now, ``_BATCH`` rows
+    at a time (buffered reads: a row group of any size is never held whole). Records arrive in file order, so
+    the stream only moves forward, and each row group is read once by one worker (build._bounds)."""
 
     def __init__(self, limit: int = 8):
         self.files: OrderedDict[str, tuple] = OrderedDict()
-        self.limit, self.at, self.images = limit, None, None
+        self.limit = limit
+        self.at, self.stream, self.start, self.batch = None, None, 0, None
+
+    def _open(self, path: str) -> tuple:
+        if path not in self.files:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:  # buffer_size: column pages are read a buffer at a time, not a whole column chunk at once
+                pf = pq.ParquetFile(path, buffer_size=_READ_BUFFER, pre_buffer=False)
+            except (pa.ArrowException, OSError) as e:  # changed since it was listed
+                raise OSError(f"not a readable parquet file: {e}") from None
+            self.files[path] = (pf, _image_column(pf, Path(path))[0])
+            while len(self.files) > self.limit:
+                self.files.popitem(last=False)
+        self.files.move_to_end(path)
+        return self.files[path]
 
     def image(self, r: Record) -> bytes | None:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        if self.at != (r.path, r.group):
-            self.images = None  # the old row group freed before the next is read
-            if r.path not in self.files:
-                pf = _open_parquet(Path(r.path))
-                self.files[r.path] = (pf, _image_column(pf, Path(r.path))[0])
-                while len(self.files) > self.limit:
-                    self.files.popitem(last=False)
-            pf, column = self.files[r.path]
-            try:
-                t = pf.read_row_group(r.group, columns=[column])
-            except (pa.ArrowException, OSError) as e:
-                raise OSError(f"row group {r.group} cannot be read (truncated or damaged?): {e}") from None
-            col = t.column("image").combine_chunks()
-            self.images = col.field("bytes") if column == "image.bytes" else col
-            if col.null_count:  # a null image struct: its bytes child may hold anything
-                self.images = pc.if_else(col.is_valid(), self.images, pa.nulls(len(col), self.images.type))
-            self.at = (r.path, r.group)
-        if r.offset >= len(self.images):
-            raise OSError(f"row group {r.group} has {len(self.images)} rows, not {r.offset + 1}: the file "
-                          "changed since it was listed")
-        return self.images[r.offset].as_py()
+        if self.at != (r.path, r.group) or r.offset < self.start:  # another row group, or behind: (re)start
+            pf, column = self._open(r.path)
+            self.batch = None  # the old batch freed before the next is read
+            self.stream = pf.iter_batches(batch_size=_BATCH, row_groups=[r.group], columns=[column],
+                                          use_threads=False)
+            self.at, self.start, self.column = (r.path, r.group), 0, column
+        try:
+            while self.batch is None or r.offset >= self.start + len(self.batch):
+                if self.batch is not None:
+                    self.start += len(self.batch)
+                col = next(self.stream).column(0)
+                images = col.field("bytes") if self.column == "image.bytes" else col
+                if col.null_count:  # a null image struct: its bytes child may hold anything
+                    images = pc.if_else(col.is_valid(), images, pa.nulls(len(col), images.type))
+                self.batch = images
+        except StopIteration:
+            self.at = None
+            rows = self.start + (len(self.batch) if self.batch is not None else 0)
+            raise OSError(f"row group {r.group} has {rows} rows, not "
+                          f"{r.offset + 1}: the file changed since it was listed") from None
+        except (pa.ArrowException, OSError) as e:
+            self.at = None
+            raise OSError(f"row group {r.group} cannot be read (truncated or damaged?): {e}") from None
+        return self.batch[r.offset - self.start].as_py()
 
 
+_BATCH = 32  # rows decoded at a time from a row group (about 3.5 MB of ImageNet JPEGs)
+_READ_BUFFER = 1 << 20
 _groups = _RowGroups()
 
 
