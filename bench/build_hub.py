@@ -9,7 +9,9 @@ The sample's JPEGs (real ILSVRC-2012 photos; without the folder, generated 500x3
 datasets) and ``imagenet1k-train-NNNN.tar`` WebDataset shards (KEY.cls, KEY.jpg, KEY.json). Each is built with
 ``build(BuildConfig(train=..., sizes=(16, 32, 64), methods=("box",), formats=("pickle",)))`` and timed end to end
 (listing included), the three interleaved in each of ``--runs`` runs; the median img/s of each is printed side by
-side, with its ratio to the tar build, and whether the three builds gave identical files.
+side, with its ratio to the tar build, and whether the three builds gave identical files. Beside it, the CPU time
+of the build and its workers per image (their rusage; the pool's workers end with each build): on a machine
+shared with other work, wall times swing with the load, CPU time much less.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -74,6 +77,12 @@ def lay_out(items: list[tuple[str, str, bytes]], dst: Path) -> dict[str, Path]:
     return {"tar": tar, "parquet": dst / "imagenet-1k", "webdataset": dst / "imagenet-1k-wds"}
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its ended children (the build's workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sample", type=Path, default=ROOT.parent / "shared" / "imagenet-sample")
@@ -89,15 +98,17 @@ def main() -> None:
         tmp = Path(tmp)
         layouts = lay_out(items, tmp / "in")
         times: dict[str, list[float]] = {k: [] for k in layouts}
+        cpus: dict[str, list[float]] = {k: [] for k in layouts}
         outputs: dict[str, dict[str, bytes]] = {}
         for run in range(args.runs):
             for name, src in layouts.items():
                 out = tmp / f"out_{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                t = time.perf_counter()
+                c, t = _cpu(), time.perf_counter()
                 build(BuildConfig(out=str(out), train=str(src), sizes=(16, 32, 64), methods=("box",),
                                   formats=("pickle",), workers=args.workers, allow_partial=True, quiet=True))
                 times[name].append(time.perf_counter() - t)
+                cpus[name].append(_cpu() - c)
                 if run == 0:
                     outputs[name] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                                      if p.is_file() and p.name != "manifest.json"}
@@ -105,11 +116,11 @@ def main() -> None:
     n = len(items)
     print(f"{n} images ({args.sample if list(args.sample.glob('*.JPEG')) else 'generated'}), 16/32/64 px box, "
           f"official pickles, {args.workers} workers, median of {args.runs} interleaved runs (listing included)")
-    tar_rate = n / statistics.median(times["tar"])
+    tar_rate, tar_cpu = n / statistics.median(times["tar"]), statistics.median(cpus["tar"]) / n
     for name, ts in times.items():
-        rate = n / statistics.median(ts)
-        print(f"  {name:<11} {rate:8.1f} img/s   {rate / tar_rate:5.2f}x the tar build   runs: "
-              + ", ".join(f"{t:.2f} s" for t in ts))
+        rate, cpu = n / statistics.median(ts), statistics.median(cpus[name]) / n
+        print(f"  {name:<11} {rate:8.1f} img/s  {rate / tar_rate:5.2f}x the tar build   CPU {1e3 * cpu:6.2f} ms/img "
+              f"{cpu / tar_cpu:5.2f}x   runs: " + ", ".join(f"{t:.2f} s" for t in ts))
     print(f"identical files from the three layouts: {same}")
 
 
