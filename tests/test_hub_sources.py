@@ -171,7 +171,8 @@ def test_a_label_out_of_range_or_against_the_file_name_is_a_bad_entry(hub, tmp_p
         build(BuildConfig(out=str(tmp_path / "o"), train=str(tmp_path / "src"), **QUIET))
     m = build(BuildConfig(out=str(tmp_path / "o"), train=str(tmp_path / "src"), skip_bad=True, **QUIET))["8_box"]
     assert m["counts"]["train"] == len(items["train"]) - 2
-    assert {w for w, _ in m["skipped"]} == {"train-00000-of-00001.parquet row 5", "train-00000-of-00001.parquet row 7"}
+    assert {w for w, _ in m["skipped"]} == {"data/train-00000-of-00001.parquet row 5",
+                                            "data/train-00000-of-00001.parquet row 7"}
 
 
 def test_a_val_label_against_the_ground_truth_is_a_bad_entry(hub, tmp_path):
@@ -194,7 +195,7 @@ def test_a_row_without_image_bytes_is_a_per_image_error_and_resumes(hub, tmp_pat
     bad = t.set_column(0, "image", pa.array(rows, t.schema.field("image").type))
     _parquet(tmp_path, bad.replace_schema_metadata(t.schema.metadata))
     kw = dict(train=str(tmp_path / "src"), formats=("native",), chunk_rows=3, **QUIET)  # one worker: in order
-    with pytest.raises(BuildError, match=r"\(train-00000-of-00001.parquet row 9\): no image bytes"):
+    with pytest.raises(BuildError, match=r"\(data/train-00000-of-00001.parquet row 9\): no image bytes"):
         build(BuildConfig(out=str(tmp_path / "o"), **kw))
     journal = (tmp_path / "o" / ".build" / "done.jsonl").read_text().splitlines()
     # chunks of whole row groups (4 rows each, chunk_rows 3): chunk 0 (rows 0..3 in file order) and perhaps 1
@@ -207,7 +208,7 @@ def test_a_row_without_image_bytes_is_a_per_image_error_and_resumes(hub, tmp_pat
     assert resumed == fresh
     m = json.loads((tmp_path / "o" / "8_box" / "manifest.json").read_text())
     assert [w for w, _ in m["skipped"]] == [f"{items['train'][9][1]}/{items['train'][9][0]} "
-                                            "(train-00000-of-00001.parquet row 9)"]
+                                            "(data/train-00000-of-00001.parquet row 9)"]
 
 
 def test_damaged_webdataset_shards_are_named(hub, tmp_path):
@@ -313,3 +314,19 @@ def test_parquet_rows_stream_in_any_order_and_from_row_groups_of_any_size(hub, t
     build(BuildConfig(out=str(tmp_path / "t"), train=str(rel.train_tar), **common))
     got, ref = files_of(tmp_path / "p" / "8_box"), files_of(tmp_path / "t" / "8_box")
     assert got["train/images.npy"] == ref["train/images.npy"] and got["train/labels.npy"] == ref["train/labels.npy"]
+
+
+def test_split_folders_of_shards_are_found_and_two_kinds_in_one_folder_are_refused(hub, tmp_path):
+    """The Hub's converted-parquet layout (``train/0000.parquet``, ``validation/0000.parquet``) is found too; a
+    folder holding both kinds of shards is ambiguous and said so."""
+    _, items, _, _ = hub
+    for split, hub_split in (("train", "train"), ("val", "validation")):
+        (tmp_path / "conv" / hub_split).mkdir(parents=True)
+        pq.write_table(parquet_table(items[split]), tmp_path / "conv" / hub_split / "0000.parquet")
+    assert len(list_train(tmp_path / "conv").records) == len(items["train"])
+    listing, _ = list_val(tmp_path / "conv")
+    assert sorted(r.key for r in listing.records) == sorted(n for n, _, _ in items["val"])
+    assert listing.layout.endswith("1 shard (validation/0000.parquet)")
+    write_wds(tmp_path / "conv", "train", items["train"], shards=1)
+    with pytest.raises(SourceError, match="holds both parquet and WebDataset shards"):
+        list_train(tmp_path / "conv")

@@ -53,6 +53,27 @@ _TEST = ("label -1: this is the test split (ImageNet's test labels were never pu
 _SMALL_MEMBER = 1 << 16  # a .cls or .json member is a few bytes; more is not one
 
 
+def _shard_files(path: Path) -> dict[str, list[Path]]:
+    """{split name: shard files} under the folder ``path``: named by their split (``train-*.parquet``,
+    ``*-train-NNNN.tar``) in ``path`` or ``path/data``, or any parquet (or WebDataset-named tar) in a folder named
+    after its split there (``train/0000.parquet``: the Hub's converted-parquet layout)."""
+    found: dict[str, list[Path]] = {}
+    try:
+        for folder in (path, path / "data"):
+            if not folder.is_dir():
+                continue
+            for n in sorted(os.listdir(folder)):
+                if m := _PARQUET_RE.match(n) or _WDS_RE.match(n):
+                    found.setdefault(m.group(1), []).append(folder / n)
+            for split in ("train", "validation", "val", "test"):
+                if (folder / split).is_dir():
+                    found.setdefault(split, []).extend(folder / split / n for n in sorted(os.listdir(folder / split))
+                                                       if n.endswith(".parquet") or _WDS_RE.match(n))
+    except OSError as e:  # never "not a Hub copy" for a folder that could not be looked at
+        raise SourceError(f"{printable(str(path))}: cannot list this folder: {e.strerror or e}") from None
+    return {k: v for k, v in found.items() if v}
+
+
 def detect(path: str | Path) -> str | None:
     """PARQUET or WEBDATASET when ``path`` is a Hub copy (a folder of its shards, or one shard), else None."""
     path = Path(path)
@@ -62,13 +83,10 @@ def detect(path: str | Path) -> str | None:
         return WEBDATASET if _WDS_RE.match(path.name) else None
     if not path.is_dir():
         return None
-    try:
-        for folder in (path / "data", path):
-            if folder.is_dir() and any(_PARQUET_RE.match(n) for n in os.listdir(folder)):
-                return PARQUET
-        return WEBDATASET if any(_WDS_RE.match(n) for n in os.listdir(path)) else None
-    except OSError as e:  # never "not a Hub copy" for a folder that could not be looked at
-        raise SourceError(f"{printable(str(path))}: cannot list this folder: {e.strerror or e}") from None
+    kinds = {PARQUET if f.suffix == ".parquet" else WEBDATASET for fs in _shard_files(path).values() for f in fs}
+    if len(kinds) > 1:
+        raise SourceError(f"{path}: holds both parquet and WebDataset shards; give the folder of one of them")
+    return kinds.pop() if kinds else None
 
 
 def shards(path: Path, split: str, layout: str) -> list[Path]:
@@ -77,16 +95,14 @@ def shards(path: Path, split: str, layout: str) -> list[Path]:
     if path.is_file():
         found = [path]
     else:
-        pattern = _PARQUET_RE if layout == PARQUET else _WDS_RE
-        folder = path / "data" if layout == PARQUET and (path / "data").is_dir() else path
-        named = {n: pattern.match(n).group(1) for n in os.listdir(folder) if pattern.match(n)}
-        found = sorted(folder / n for n, s in named.items() if s in SPLIT_NAMES[split])
+        named = _shard_files(path)
+        found = sorted(f for s in SPLIT_NAMES[split] for f in named.get(s, []))
         if not found:
-            has = sorted(set(named.values()))
+            has = sorted(named)
             why = (" (only the test split, whose labels were never published)" if has == ["test"] else
                    f" (it holds {', '.join(has)})")
             raise SourceError(f"{flag} {path}: a {layout} copy with no {SPLIT_NAMES[split][0]} shards{why}")
-    test = [p for p in found if p.name.startswith("test") or "-test-" in p.name]
+    test = [p for p in found if p.name.startswith("test") or "-test-" in p.name or p.parent.name == "test"]
     if test:
         raise SourceError(f"{flag} {test[0]}: {_TEST}")
     return found
@@ -100,9 +116,12 @@ def list_hub(path: str | Path, split: str, truth: np.ndarray | None = None) -> L
     if layout is None:
         raise SourceError(f"{path}: neither Hugging Face parquet shards nor WebDataset tar shards")
     files = shards(path, split, layout)
-    listing = Listing([], list(IMAGENET.wnids), True, layout=f"{layout}: {len(files)} shards")
-    for f in files:
-        (_list_parquet if layout == PARQUET else _list_wds)(listing, f, split, truth)
+    names = [printable(str(f.relative_to(path))) if path.is_dir() else f.name for f in files]  # for messages
+    span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+    count = f"{len(files)} shard{'' if len(files) == 1 else 's'}"
+    listing = Listing([], list(IMAGENET.wnids), True, layout=f"{layout}: {count} ({span})")
+    for f, name in zip(files, names, strict=True):
+        (_list_parquet if layout == PARQUET else _list_wds)(listing, f, name, split, truth)
     listing.records.sort()
     drop_duplicate_keys(listing)  # the same image twice (e.g. a shard copied under two names)
     listing.in_file_order = layout == PARQUET
@@ -203,7 +222,7 @@ def _class_names(pf, path: Path) -> list | None:
     return names
 
 
-def _list_parquet(listing: Listing, path: Path, split: str, truth: np.ndarray | None) -> None:
+def _list_parquet(listing: Listing, path: Path, shard: str, split: str, truth: np.ndarray | None) -> None:
     import pyarrow as pa
 
     pf = _open_parquet(path)
@@ -219,7 +238,7 @@ def _list_parquet(listing: Listing, path: Path, split: str, truth: np.ndarray | 
         labels = t.column("label").to_pylist()
         names = t.column("image").combine_chunks().field("path").to_pylist() if has_path else [None] * len(labels)
         for i, (label, name) in enumerate(zip(labels, names, strict=True)):
-            where = f"{path.name} row {row + i}"
+            where = f"{shard} row {row + i}"
             if label == -1:
                 raise SourceError(f"{path}: row {row + i}: {_TEST}")
             if label is None or not 0 <= label < len(devkit):
@@ -311,19 +330,19 @@ def _sample_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _list_wds(listing: Listing, path: Path, split: str, truth: np.ndarray | None) -> None:
+def _list_wds(listing: Listing, path: Path, shard: str, split: str, truth: np.ndarray | None) -> None:
     with open(path, "rb") as f:
         sample: dict = {}
         for m, offset in tar_members(f, str(path)):  # consecutive members with one key are a sample
             if m.isdir():
                 continue
-            where = f"{path.name}:{printable(m.name)}"
+            where = f"{shard}:{printable(m.name)}"
             if (problem := member_problem(m)) is not None:
                 listing.problems.append((where, problem))
                 continue
             key, ext = _sample_key(m.name)
             if sample and sample["key"] != key:
-                _wds_sample(listing, f, path, sample, split, truth)
+                _wds_sample(listing, f, path, shard, sample, split, truth)
                 sample = {}
             sample.setdefault("key", key)
             if ext in ("cls", "json"):
@@ -335,7 +354,7 @@ def _list_wds(listing: Listing, path: Path, split: str, truth: np.ndarray | None
             else:
                 listing.ignored.append((where, "not an image, .cls or .json member"))
         if sample:
-            _wds_sample(listing, f, path, sample, split, truth)
+            _wds_sample(listing, f, path, shard, sample, split, truth)
 
 
 def _small(f, path: Path, m, offset: int, what: str) -> bytes:
@@ -347,9 +366,10 @@ def _small(f, path: Path, m, offset: int, what: str) -> bytes:
     return data
 
 
-def _wds_sample(listing: Listing, f, path: Path, sample: dict, split: str, truth: np.ndarray | None) -> None:
+def _wds_sample(listing: Listing, f, path: Path, shard: str, sample: dict, split: str,
+                truth: np.ndarray | None) -> None:
     key, images = printable(sample["key"]), sample.get("images", [])
-    where = f"{path.name}:{key}"
+    where = f"{shard}:{key}"
     if len(images) != 1:
         listing.problems.append((where, "a sample with no image (.jpg)" if not images else
                                  f"a sample with {len(images)} images"))
@@ -380,7 +400,7 @@ def _wds_sample(listing: Listing, f, path: Path, sample: dict, split: str, truth
         name = meta.get("filename") if isinstance(meta, dict) else None
         name = name if isinstance(name, str) and name else None
     image, image_offset = images[0]
-    where = f"{path.name}:{printable(image.name)}"
+    where = f"{shard}:{printable(image.name)}"
     devkit = int(IMAGENET.sorted_to_devkit[label])
     if (k := _key(name or image.name, devkit, split, where, listing, truth)) is not None:
         listing.records.append(Record(k, devkit, str(path), image_offset, image.size, -1, where))
