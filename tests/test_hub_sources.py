@@ -206,6 +206,11 @@ def test_a_row_without_image_bytes_is_a_per_image_error_and_resumes(hub, tmp_pat
     resumed, fresh = files_of(tmp_path / "o" / "8_box"), files_of(tmp_path / "fresh" / "8_box")
     del resumed["manifest.json"], fresh["manifest.json"]  # which names --out
     assert resumed == fresh
+    with pytest.raises(BuildError, match="no image bytes"):  # another unfinished build of the same shards ...
+        build(BuildConfig(out=str(tmp_path / "again"), **kw))
+    _parquet(tmp_path, bad.replace_schema_metadata(t.schema.metadata), row_group_size=5)  # ... re-sharded:
+    with pytest.raises(BuildError, match="holds an unfinished build with other settings or inputs"):
+        build(BuildConfig(out=str(tmp_path / "again"), skip_bad=True, **kw))  # its chunks meant other rows
     m = json.loads((tmp_path / "o" / "8_box" / "manifest.json").read_text())
     assert [w for w, _ in m["skipped"]] == [f"{items['train'][9][1]}/{items['train'][9][0]} "
                                             "(data/train-00000-of-00001.parquet row 9)"]

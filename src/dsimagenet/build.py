@@ -290,6 +290,8 @@ def _plan_digest(c: BuildConfig, splits: dict[str, Listing]) -> str:
     for split in sorted(splits):
         for r in splits[split].records:
             h.update(f"{split}\0{r.key}\0{r.label}\0{r.size}\n".encode())
+            if r.group >= 0:  # read in file order: the journal's chunks are runs of rows of these row groups
+                h.update(f"{r.group}\0{r.where}\n".encode())
     return h.hexdigest()
 
 
