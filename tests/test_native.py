@@ -505,3 +505,19 @@ def test_info_of_a_huge_sparse_dataset_reads_no_image(nat, monkeypatch):
         tracemalloc.stop()
     assert info["splits"] == {"train": n} and isinstance(ds.data, np.memmap) and ds.data.shape == (n, s, s, 3)
     assert peak < 64 << 20  # the labels (10 MB as int64, twice at most), not the 15.7 GB of images
+
+
+def test_row_array_write_rows_puts_each_row_at_its_position(tmp_path):
+    """The build's rows read in a source's file order land where the seeded order puts them: as numpy's
+    fancy assignment does, and the rows never written stay zeros."""
+    from dsimagenet.formats.native import RowArray
+
+    a = RowArray.create(tmp_path / "a.npy", 10, (2, 2, 3))
+    rows = np.random.default_rng(0).integers(1, 256, (4, 2, 2, 3), dtype=np.uint8)
+    positions = np.array([7, 0, 9, 3])
+    a.write_rows(positions, rows)
+    want = np.zeros((10, 2, 2, 3), np.uint8)
+    want[positions] = rows
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), want)
+    with pytest.raises(ValueError, match="positions in 0..9"):
+        a.write_rows(np.array([10]), rows[:1])

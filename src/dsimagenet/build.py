@@ -79,10 +79,12 @@ class BuildConfig:
     out: str = option(check=text(), help="the folder to build into (created)")
     train: str | None = recipe(
         None, check=text(optional=True),
-        help="ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, or the Kaggle root")
+        help="ILSVRC2012_img_train.tar, a folder of <wnid>/ folders or <wnid>.tar files, the Kaggle root, or a "
+             "Hub copy (ILSVRC/imagenet-1k parquet, timm/imagenet-1k-wds)")
     val: str | None = recipe(
         None, check=text(optional=True),
-        help="ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, or the Kaggle root")
+        help="ILSVRC2012_img_val.tar, a folder of ILSVRC2012_val_*.JPEG or of <wnid>/ folders, the Kaggle root, "
+             "or a Hub copy (ILSVRC/imagenet-1k parquet, timm/imagenet-1k-wds)")
     folder: str | None = recipe(
         None, check=text(optional=True),
         help="any class-folder tree: root/train/<class>/<img> (+ root/val/...) or root/<class>/<img>")
@@ -210,11 +212,12 @@ def _run_chunk(task: dict) -> dict:
     records: list[Record] = task["records"]
     rows = {c: np.zeros((len(records), c[0], c[0], 3), np.uint8) for c in r.combos}
     notes, bad = [], []
+    positions = task.get("positions")  # rows read in file order go to these rows of the arrays (_file_order)
     for i, rec in enumerate(records):
         try:
             out, note = resize_all(read_record(rec, _files), r)
         except ImageError as e:
-            bad.append((task["start"] + i, rec.key, str(e)))
+            bad.append((task["start"] + i if positions is None else int(positions[i]), _named(rec), str(e)))
             if not task["skip_bad"]:
                 break
             continue
@@ -223,15 +226,23 @@ def _run_chunk(task: dict) -> dict:
         for c in r.combos:
             rows[c][i] = out[c]
         if note:
-            notes.append((rec.key, note))
+            notes.append((_named(rec), note))
     if bad and not task["skip_bad"]:
         return {"bad": bad}
     for c, array in task["arrays"].items():
-        array.write_at(task["start"], rows[c])
+        if positions is None:
+            array.write_at(task["start"], rows[c])
+        else:
+            array.write_rows(positions, rows[c])
     if task["sums"] is not None:  # exact integers; skipped rows are zeros and add nothing
         sums = [rows[c].sum(axis=0, dtype=np.int64).reshape(-1) for c in r.combos]
         task["sums"].write_at(task["chunk"], np.concatenate(sums)[None])
     return {"split": task["split"], "chunk": task["chunk"], "notes": notes, "bad": bad}
+
+
+def _named(rec: Record) -> str:
+    """An image's name in the manifest and in messages: its key, and where a Hub image is (shard, row/member)."""
+    return f"{rec.key} ({rec.where})" if rec.where else rec.key
 
 
 # --- planning ----------------------------------------------------------------------------------------------
@@ -244,9 +255,13 @@ def _listings(c: BuildConfig) -> tuple[dict[str, Listing], dict]:
     if c.train:
         out["train"] = imagenet_source.list_train(c.train)
         origin["train"] = str(c.train)
+        if out["train"].layout:
+            origin["train_layout"] = out["train"].layout
     if c.val:
         out["val"], labels_from = imagenet_source.list_val(c.val, c.devkit)
         origin["val"] = str(c.val)
+        if out["val"].layout:
+            origin["val_layout"] = out["val"].layout
         origin["val_labels"] = labels_from
     return out, origin
 
@@ -286,6 +301,8 @@ def _plan_digest(c: BuildConfig, splits: dict[str, Listing]) -> str:
     for split in sorted(splits):
         for r in splits[split].records:
             h.update(f"{split}\0{r.key}\0{r.label}\0{r.size}\n".encode())
+            if r.group >= 0:  # read in file order: the journal's chunks are runs of rows of these row groups
+                h.update(f"{r.group}\0{r.where}\n".encode())
     return h.hexdigest()
 
 
@@ -451,10 +468,12 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
             json.dump({"digest": digest_, "rows_per_chunk": chunk}, f)
     tasks = []
     for split, lst in splits.items():
-        for k, a in enumerate(range(0, len(lst.records), chunk)):  # the journal's chunk numbers mean these bounds
+        read, positions = _file_order(lst, order[split])
+        for k, (a, b) in enumerate(_bounds(lst, read, chunk)):  # the journal's chunk numbers mean these bounds
             if (split, k) not in done:
                 tasks.append({"split": split, "chunk": k, "start": a, "resize": c.resize, "skip_bad": c.skip_bad,
-                              "records": [lst.records[i] for i in order[split][a:a + chunk]],
+                              "records": [lst.records[i] for i in read[a:b]],
+                              "positions": None if positions is None else positions[a:b],
                               "arrays": {(s, m): arrays[(split, s, m)] for s, m in c.resize.combos},
                               "sums": sums.get(split)})
     with _pool(c, workers) as pool:  # one pool: the chunks, then the formats' jobs
@@ -463,6 +482,41 @@ def _build_locked(c: BuildConfig, out: Path, splits: dict[str, Listing], origin:
         manifests = _finish(c, out, splits, order, arrays, sums, done, origin, pool, timings)
     shutil.rmtree(work)
     return manifests
+
+
+def _file_order(lst: Listing, order: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Which records each chunk reads, and where their rows go. Usually chunk k reads the records of rows
+    k*chunk.. of the seeded order and writes them there (positions None). A parquet source is read in file order
+    instead (a row group is compressed pages: read once, whole, by one worker), each row written to its place in
+    the seeded order: the same bytes in the same rows."""
+    if not lst.in_file_order:
+        return order, None
+    read = np.array(sorted(range(len(lst.records)), key=lambda i: (lst.records[i].path, lst.records[i].group,
+                                                                     lst.records[i].offset)), np.int64)
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))  # record i becomes row place[i]
+    return read, place[read]
+
+
+def _bounds(lst: Listing, read: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """The chunks' bounds in ``read``: ``chunk`` rows each, or, for a source read in file order, cut where a row
+    group ends once ``chunk`` rows are reached (so that one worker reads each row group), at most 2 * ``chunk``
+    rows (a row group larger than that is read by several). Never more chunks than ceil(n / chunk): the pixel
+    sums' rows (_work_arrays) suffice, and those left over stay zeros."""
+    n = len(read)
+    if not lst.in_file_order:
+        return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    out, a = [], 0
+    for i in range(1, n + 1):
+        if i == n or i - a >= 2 * chunk:
+            out.append((a, i))
+            a = i
+        elif i - a >= chunk:
+            prev, rec = lst.records[read[i - 1]], lst.records[read[i]]
+            if (prev.path, prev.group) != (rec.path, rec.group):
+                out.append((a, i))
+                a = i
+    return out
 
 
 def _work_arrays(c: BuildConfig, work: Path, splits: dict[str, Listing], done: dict,

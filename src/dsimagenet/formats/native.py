@@ -87,6 +87,21 @@ class RowArray:
         finally:
             os.close(fd)
 
+    def write_rows(self, positions: np.ndarray, rows: np.ndarray) -> None:
+        """Row ``rows[i]`` at row ``positions[i]`` (the build's rows read in a source's file order)."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        positions = np.asarray(positions, np.int64)
+        if rows.shape[1:] != self.row_shape or len(positions) != len(rows) or \
+                (len(positions) and (positions.min() < 0 or positions.max() >= self.count)):
+            raise ValueError(f"{self.path}: {len(rows)} rows of shape {rows.shape[1:]} at positions in "
+                             f"0..{self.count - 1}, the array holds {self.count} of {self.row_shape}")
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for p, row in zip(positions.tolist(), rows, strict=True):
+                os.pwrite(fd, row.data, array_bytes(p, self.row_shape, self.dtype))
+        finally:
+            os.close(fd)
+
     def sync(self) -> None:
         """Make every row written so far durable."""
         fd = os.open(self.path, os.O_RDONLY)

@@ -22,6 +22,7 @@ import numpy as np
 
 from dsimagenet.checksum import digest
 from dsimagenet.labels import IMAGENET, NUM_VAL_IMAGES, val_ground_truth
+from dsimagenet.sources import hub
 from dsimagenet.sources.folder import follow, list_class_tree, scan
 from dsimagenet.sources.records import (
     Listing,
@@ -66,6 +67,8 @@ def list_train(path: str | Path) -> Listing:
     if not path.exists():
         raise SourceError(f"--train {path}: no such file or folder (expected ILSVRC2012_img_train.tar, a folder "
                           "of <wnid>/ folders or <wnid>.tar files, or the Kaggle root)")
+    if hub.detect(path):  # ILSVRC/imagenet-1k parquet or timm/imagenet-1k-wds shards
+        return hub.list_hub(path, "train")
     listing = Listing([], list(IMAGENET.wnids), True)
     if path.is_file():
         with open(path, "rb") as f:
@@ -223,6 +226,9 @@ def list_val(path: str | Path, devkit: str | Path | None = None) -> tuple[Listin
     if not path.exists():
         raise SourceError(f"--val {path}: no such file or folder (expected ILSVRC2012_img_val.tar, a folder of "
                           "ILSVRC2012_val_*.JPEG, a folder of <wnid>/ folders, or the Kaggle root)")
+    if hub.detect(path):  # the Hub's own labels, each checked against the ground truth where the name is known
+        truth, origin = val_labels(devkit)
+        return hub.list_hub(path, "val", truth), f"the Hub copy's labels (checked against {origin})"
     if path.is_dir() and (path / KAGGLE_VAL).is_dir():
         if devkit is None and (path / "LOC_val_solution.csv").exists():
             devkit = path / "LOC_val_solution.csv"

@@ -29,8 +29,10 @@ class Record:
     key: str  # sort key and name in messages, e.g. "n01440764/n01440764_10026.JPEG"
     label: int  # 1-based
     path: str  # the file to read from (an archive or the image itself)
-    offset: int  # where the image's bytes start in ``path``
-    size: int
+    offset: int  # where the image's bytes start in ``path``; a parquet record: its row in row group ``group``
+    size: int  # bytes; a parquet record: 0 (its bytes are known only once its row group is read)
+    group: int = -1  # a parquet row group (sources/hub.py), or -1: a byte range read with one pread
+    where: str = field(default="", compare=False)  # where a Hub image is (shard and row/member), for messages
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Listing:
     imagenet: bool  # labels are ILSVRC-2012 devkit IDs
     problems: list[tuple[str, str]] = field(default_factory=list)  # bad entries: an error unless --skip-bad
     ignored: list[tuple[str, str]] = field(default_factory=list)  # not images by name: listed, not read
+    layout: str | None = None  # a Hub layout: what the source is, for the manifest (sources/hub.py)
+    in_file_order: bool = False  # read in (file, group, row) order: a parquet row group is read once, whole
 
 
 class Window:
@@ -167,6 +171,10 @@ class OpenFiles:
 
 def read_record(r: Record, files: OpenFiles) -> bytes:
     """The bytes of one image, read through ``files`` (one per worker)."""
+    if r.group >= 0:  # compressed parquet pages: read through pyarrow, a row group at a time
+        from dsimagenet.sources.hub import read_parquet_image
+
+        return read_parquet_image(r)
     data = os.pread(files.fd(r.path), r.size, r.offset)
     if len(data) != r.size:
         raise OSError(f"read {len(data)} of {r.size} bytes: the file was cut short or changed")
