@@ -287,7 +287,7 @@ def test_help_shows_defaults_as_typed_and_once(capsys):
             main(argv)
     out = " ".join(capsys.readouterr().out.split())  # the wrapping undone
     assert "output sizes S (S x S) (default: 32)" in out
-    assert "pickle (official), npz, native (default: pickle native)" in out
+    assert "webdataset (tar shards: webdataset, timm) (default: pickle native)" in out
     assert "check the official archives' MD5s first (default: off)" in out
     assert "LOC_val_solution.csv (default: bundled val labels) --sizes" in out
     assert "epochs after which the step schedule multiplies lr by --gamma (default: 10 20 30)" in out
