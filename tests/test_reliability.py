@@ -298,7 +298,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
              (tmp_path / "b" / "checkpoint.pt", None, "belongs to another run: width is 2 there, 1 here"),
              # a checkpoint from before the configuration was stored in it: its tensors tell
              (tmp_path / "b" / "checkpoint.pt", lambda s: s.pop("config"),
-              "does not fit this run's model \\(WRN-6-1, 1000 classes, 8 px\\): blocks.0.conv1.weight is "
+              "does not fit this run's model \\(WRN-6-1, 4 classes, 8 px\\): blocks.0.conv1.weight is "
               "\\(32, 16, 3, 3\\) there, \\(16, 16, 3, 3\\) here"),
              (own, lambda s: s["model"]["fc.weight"].view(-1).__setitem__(7, float("nan")),
               "fc.weight holds NaN or infinite values"),

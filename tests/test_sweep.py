@@ -267,7 +267,7 @@ def test_a_rerun_with_more_epochs_continues_exactly_or_is_refused(tmp_path):
     for change, match in (({"epochs": 1}, "epochs was 2, now 1"), ({"batch_size": 16}, "batch_size was 32, now 16"),
                           ({"epochs": 3, "schedule": "cosine"}, "schedule was 'step', now 'cosine'"),
                           ({"epochs": 3, "weight_decay": 0.0}, "weight_decay was 0.0005, now 0.0")):
-        with pytest.raises(ConfigError, match=f"2 run.s. under this --out were made with other settings: .*{match}"):
+        with pytest.raises(ConfigError, match=f"2 runs under this --out were made with other settings: .*{match}"):
             sweep(SweepConfig(out=str(tmp_path / "sw"), grid=grid, base={**base, **change}))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()} == before  # untouched
 

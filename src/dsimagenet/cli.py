@@ -63,7 +63,7 @@ def info_document(info: dict) -> dict:
                 v = json.loads(v)
             except ValueError:  # a path that starts with a bracket: text after all
                 pass
-        out[k] = v
+        out[k] = info_document(v) if isinstance(v, dict) else v  # at any depth (provenance repeats the source)
     return out
 
 
