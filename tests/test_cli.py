@@ -200,7 +200,7 @@ def test_flags_take_their_type_choices_and_help_from_the_fields():
                 continue
             assert actions[f.name].help.startswith(f.metadata["help"]), (command, f.name)
     train = {a.dest: a for a in subs["train"]._actions}
-    assert list(train["schedule"].choices) == ["step", "cosine", "sgdr"]
+    assert list(train["schedule"].choices) == ["step", "cosine", "sgdr", "cosine-epoch"]
     assert list(train["compile_mode"].choices) == ["default", "reduce-overhead", "max-autotune"]
     assert train["lr"].type is float and train["epochs"].type is int and train["milestones"].nargs == "*"
     assert list({a.dest: a for a in subs["build"]._actions}["aspect"].choices) == ["squash", "center-crop"]
