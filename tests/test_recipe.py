@@ -156,3 +156,14 @@ def test_a_run_made_before_the_recipe_fields_reads_and_resumes_as_the_paper_reci
     assert train(c, resume=True)["status"] == "finished"
     a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["model"] for r in ("straight", "old"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pad_wider_than_the_image_is_one_line_and_creates_nothing(learnable, tmp_path, capsys):
+    from dsimagenet.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "nasbench201", "--data", str(learnable), "--out", str(out), "--pad", "9",
+                 "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "dsimagenet train: error: pad (--pad) must be an integer in 0..8 (the image size), not 9"
+    assert not out.exists()
