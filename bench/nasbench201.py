@@ -1,7 +1,7 @@
 """Benchmark: one ImageNet16-120 epoch with NAS-Bench-201's recipe (--recipe nasbench201), dsimagenet's Loader
 against NAS-Bench-201's own input pipeline, reimplemented without torchvision, in the same run on the same model.
 
-    .venv/bin/python bench/nasbench201.py                            # 20,000 images, CPU, 2 threads, median of 3
+    .venv/bin/python bench/nasbench201.py --workers 0 1              # 20,000 images, CPU, 1 thread, median of 3
     .venv/bin/python bench/nasbench201.py --threads 16 --workers 0 8 # a bigger CPU: the baseline with 0 and 8 workers
     .venv/bin/python bench/nasbench201.py --images 2000 --train-images 512 --runs 1   # a quick check that it runs
 
@@ -98,7 +98,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20_000, help="images in the subset timed")
     p.add_argument("--train-images", type=int, default=2048, help="images of each timed training pass")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs of each; the median is reported")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the model's, and the Loader's)")
+    # 1 by default: on a CPU shared with other work, torch's OpenMP threads wait on each other for whole time
+    # slices (seen here: 2 threads on 2 busy cores trained at 57 images/s, 1 thread at 940)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the model's, and the Loader's)")
     p.add_argument("--workers", type=int, nargs="+", default=[0], help="the baseline DataLoader's worker counts")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, default=256)
@@ -147,9 +149,9 @@ def main() -> None:
         print(f"  {title}:")
         for name in pipelines:
             rate = statistics.median(rates[name, what])
+            ratio = f"  (ours: {base[what] / rate:.2f}x this)" if what in base else ""
             base.setdefault(what, rate)
-            print(f"    {name:<52} {rate:10,.0f} images/s  {EPOCH / rate:8.1f} s/epoch  "
-                  f"(ours {base[what] / rate:.1f}x this)")
+            print(f"    {name:<52} {rate:10,.0f} images/s  {EPOCH / rate:8.1f} s/epoch{ratio}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The training recipe as data: ``TrainConfig`` (the paper's defaults) and the learning rate as a pure function.
+"""The training recipe as data: ``TrainConfig`` (the paper's defaults, or another named recipe's: ``RECIPES``)
+and the learning rate as a pure function.
+
+    TrainConfig(data="out/32_box", out="runs/a")                                       # the paper's recipe
+    TrainConfig(recipe="nasbench201", data="Imagenet16_train", out="runs/b", classes=120, epochs=12)
 
 Kept free of torch so that the command line and the sweep can read it without importing torch; ``train.py``
 runs it. Every field is declared once (see dsimagenet.fields): its type (``Literal`` for a choice), help text,
