@@ -52,6 +52,10 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 SCHEDULES, AUGMENTS, NORMALIZE, ORDERS, DEVICES, COMPILE_MODES = (
     typing.get_args(t) for t in (Schedule, Augment, Normalize, Order, Device, CompileMode))
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits, numpy any non-negative integer
+LARGEST = 1e38  # the learning rate and the decay are float32 scalars inside the optimizer (at most 3.4e38)
+MAX_WIDTH = 2.0**16  # 1M filters in the first stack; the model's memory is checked against the machine's
+
 # The named recipes: the values that the fields a recipe sets take when they are left out (None). "paper" is the
 # paper's (and every run's before recipes existed); "nasbench201" is NAS-Bench-201's ImageNet16-120 training
 # (its ImageNet-16.config, and the transforms of xautodl's get_datasets): its scheduler sets the cosine's lr once
@@ -68,9 +72,6 @@ RECIPES: dict[str, dict] = {
 def _by_recipe(name: str) -> str:
     """The help's default of a field that a recipe sets: ``default: the --recipe's (paper 40, nasbench201 200)``."""
     return "default: the --recipe's (" + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits, numpy any non-negative integer
-LARGEST = 1e38  # the learning rate and the decay are float32 scalars inside the optimizer (at most 3.4e38)
-MAX_WIDTH = 2.0**16  # 1M filters in the first stack; the model's memory is checked against the machine's
 
 
 def _epochs_list():
