@@ -202,7 +202,7 @@ def test_flags_take_their_type_choices_and_help_from_the_fields():
                 continue
             assert actions[f.name].help.startswith(f.metadata["help"]), (command, f.name)
     train = {a.dest: a for a in subs["train"]._actions}
-    assert list(train["schedule"].choices) == ["step", "cosine", "sgdr"]
+    assert list(train["schedule"].choices) == ["step", "cosine", "sgdr", "cosine-epoch"]
     assert list(train["compile_mode"].choices) == ["default", "reduce-overhead", "max-autotune"]
     assert train["lr"].type is float and train["epochs"].type is int and train["milestones"].nargs == "*"
     assert list({a.dest: a for a in subs["build"]._actions}["aspect"].choices) == ["squash", "center-crop"]
@@ -291,7 +291,8 @@ def test_help_shows_defaults_as_typed_and_once(capsys):
     assert "check the official archives' MD5s first (default: off)" in out
     assert "LOC_val_solution.csv (default: bundled val labels) --sizes" in out
     assert "epochs after which the step schedule multiplies lr by --gamma (default: 10 20 30)" in out
-    assert "(gradient 2*wd*w) (default: 0.0005)" in out and "channels_last memory format on CUDA (default: on)" in out
+    assert "the weight decay, as --decay says (default: 0.0005)" in out
+    assert "channels_last memory format on CUDA (default: on)" in out
     assert "output folder (default: demo-out)" in out and "epochs of each training run (default: 6)" in out
 
 

@@ -317,3 +317,107 @@ def test_decide_residency(tmp_path):
     assert decide_residency(data, "cpu", free=0) and not decide_residency(mapped, "cpu", free=0)
     assert decide_residency(mapped, "cpu", free=1 << 20)
     assert decide_residency(data, "cpu")  # measured: 1,920 bytes fit (or, RAM unknown, an in-memory array)
+
+
+# --- NAS-Bench-201's augmentation and normalisation (--recipe nasbench201)
+
+NB201_MEAN = [122.68, 116.66, 104.01]  # its Normalize(mean=[x / 255 ...], std=[x / 255 ...]), typed here
+NB201_STD = [63.22, 61.26, 65.09]
+
+
+def torchvision_style(img, flip, dy, dx, pad=2):
+    """One sample as NAS-Bench-201's transforms make it, per sample, in numpy: RandomHorizontalFlip,
+    RandomCrop(S, padding=pad) (zeros around the uint8 image, the crop's origin (dy, dx) in the padded image),
+    ToTensor (float32 CHW / 255), Normalize (channel by channel, (x - mean) / std)."""
+    s = img.shape[0]
+    x = img[:, ::-1] if flip else img
+    padded = np.zeros((s + 2 * pad, s + 2 * pad, 3), np.uint8)
+    padded[pad:pad + s, pad:pad + s] = x
+    x = padded[dy:dy + s, dx:dx + s].transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.array(NB201_MEAN, np.float32) / np.float32(255)
+    std = np.array(NB201_STD, np.float32) / np.float32(255)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+@pytest.fixture
+def split16():
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (45, 16, 16, 3), dtype=np.uint8)
+    images[0] = 0  # an image as black as the padding: the border must not stand out from it
+    images[1] = 255
+    return Split(images, rng.integers(0, 120, 45), images.astype(np.float64).mean(0))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_nasbench201_augmentation_equals_random_crop_padding_2_and_flip_per_sample(split16, resident):
+    loader = Loader(split16, batch_size=16, augment="flip", normalize="nasbench201", pad=2, pad_fill="black",
+                    seed=11, resident=resident)
+    plan = loader.plan(3)
+    assert plan.shift.min() == 0 and plan.shift.max() == 4  # RandomCrop draws each origin from 0..2 * padding
+    seen = 0
+    for step, (x, y) in enumerate(loader.epoch(3)):
+        for j in range(len(x)):
+            k = step * 16 + j
+            i = plan.index[k]
+            ref = torchvision_style(split16.data[i], plan.flip[k], *plan.shift[k])
+            np.testing.assert_allclose(x[j].numpy(), ref, rtol=0, atol=2e-6)  # float32 in another order
+            assert y[j] == split16.targets[i]
+        seen += len(x)
+    assert seen == 45 and sorted(plan.index.tolist()) == list(range(45))
+    # every corner shift and both flips occurred, so the reference was met at the borders, mirrored or not
+    corners = {(int(a), int(b)) for a, b in plan.shift} & {(0, 0), (0, 4), (4, 0), (4, 4)}
+    assert len(corners) >= 2 and plan.flip.any() and not plan.flip.all()
+
+
+def test_nasbench201_normalisation_is_its_constants_by_hand(split16):
+    from dsimagenet.data import compute_stats
+
+    stats = compute_stats(Split(None, mean=None), "nasbench201")  # reads no image and needs no mean image
+    assert stats.kind == "nasbench201"
+    x, _ = next(Loader(split16, batch_size=3, augment="none", shuffle=False, normalize="nasbench201").epoch(0))
+    # pixel 0 (image 0) and 255 (image 1), by hand: (0 - 122.68) / 63.22 = -1.940525..., (255 - 122.68) / 63.22
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [-1.9405252, -1.9043421, -1.5979413], atol=1e-6)
+    np.testing.assert_allclose(x[1, :, 0, 0].numpy(), [2.0930085, 2.2582436, 2.3197112], atol=1e-6)
+    for c in range(3):
+        want = (split16.data[2, :, :, c] / 255 - NB201_MEAN[c] / 255) / (NB201_STD[c] / 255)
+        np.testing.assert_allclose(x[2, c].numpy(), want, atol=2e-6)
+
+
+def test_pad_sets_the_shift_range_and_the_paper_plan_is_unchanged():
+    default, four = epoch_plan(60, 2, 9, "paper"), epoch_plan(60, 2, 9, "paper", pad=4)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        (default.index, default.flip, default.shift), (four.index, four.flip, four.shift), strict=True))
+    p = epoch_plan(1000, 0, 0, "flip", pad=2)
+    assert set(np.unique(p.shift).tolist()) == {0, 1, 2, 3, 4}
+    assert epoch_plan(50, 0, 0, "flip", pad=0).shift.max() == 0
+
+
+@pytest.mark.parametrize("pad", [0, 2, 5])
+def test_buffers_with_any_padding_and_a_fill_address_every_crop(pad):
+    from dsimagenet.data import batch_buffers, crop_offsets
+
+    s, b, fill = 6, 4, np.array([-1.5, 0.25, 3.0], np.float32)
+    buf = batch_buffers(b, s, "cpu", pad, fill)
+    values = torch.rand(b, 3, s, s)
+    buf.middle.copy_(values)
+    padded = np.broadcast_to(fill[None, :, None, None], (b, 3, s + 2 * pad, s + 2 * pad)).copy()
+    padded[:, :, pad:pad + s, pad:pad + s] = values.numpy()
+    for slot in range(b):
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                o = int(crop_offsets(np.array([slot]), np.array([[dy, dx]]), s, pad)[0])
+                np.testing.assert_array_equal(buf.crops[o].numpy(), padded[slot, :, dy:dy + s, dx:dx + s])
+
+
+def test_a_bad_pad_or_a_black_pad_around_a_mean_image_is_refused(ds):
+    from dsimagenet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--pad\) must be an integer in 0\.\.8 \(the image size\), not 9"):
+        Loader(ds, 32, pad=9)
+    with pytest.raises(ConfigError, match="--pad"):
+        Loader(ds, 32, pad=2.0)
+    with pytest.raises(ConfigError, match="black needs per-channel normalisation"):
+        Loader(ds, 32, augment="flip", normalize="mean", pad_fill="black")
+    with pytest.raises(ConfigError, match="--pad-fill"):
+        Loader(ds, 32, augment="flip", normalize="meanstd", pad_fill="white")
+    Loader(ds, 32, augment="none", normalize="mean", pad_fill="black")  # nothing is padded: nothing to refuse

@@ -273,6 +273,8 @@ BAD = {
     "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
     "checkpoint_every_steps": (0, ">= 1"), "eval_batch_size": (0, ">= 1"),
     "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
+    "recipe": ("nasbench", "paper, nasbench201"), "decay": ("l2", "paper, all"), "pad": (-1, "0..1024"),
+    "pad_fill": ("white", "mean, black"),
 }
 
 

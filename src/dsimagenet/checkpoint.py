@@ -26,7 +26,7 @@ from dsimagenet import runs
 from dsimagenet.errors import ConfigError, Diverged
 from dsimagenet.formats.atomic import atomic_write
 from dsimagenet.model import WideResNet
-from dsimagenet.recipe import OPERATIONAL, TrainConfig
+from dsimagenet.recipe import OPERATIONAL, TrainConfig, stored_defaults
 from dsimagenet.runs import RunError
 
 __all__ = ["LENGTH_FREE_SCHEDULES", "computed", "check_resume", "extend_run", "save_checkpoint", "load_checkpoint",
@@ -43,6 +43,9 @@ def computed(c: TrainConfig) -> dict:
 
 
 def _differences(was: dict, now: dict, skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    # ``was`` is stored (config.json, a checkpoint): a field it lacks is newer than the run, which ran as its old
+    # default does (stored_defaults)
+    was = {**{k: v for k, v in stored_defaults().items() if k in now}, **was}
     return sorted(k for k in set(was) | set(now) if k not in skip and was.get(k) != now.get(k))
 
 

@@ -394,10 +394,14 @@ def _add_experiment_commands(sub) -> None:
 
     p = sub.add_parser("train", help="train a Wide ResNet with the paper's recipe",
                        description="Train WRN-N-k on a downsampled ImageNet with the paper's recipe (SGD, momentum "
-                                   "0.9, batch 128, lr 0.01 x0.2 after epochs 10/20/30, 40 epochs). Run with "
-                                   "torchrun --nproc_per_node=K -m dsimagenet train ... for several GPUs.",
+                                   "0.9, batch 128, lr 0.01 x0.2 after epochs 10/20/30, 40 epochs), or with "
+                                   "--recipe nasbench201 NAS-Bench-201's (Nesterov, lr 0.1 cosine over 200 epochs, "
+                                   "batch 256, flip + crop 16 with padding 2, its normalisation); flags given beside "
+                                   "--recipe override it. Run with torchrun --nproc_per_node=K -m dsimagenet train "
+                                   "... for several GPUs.",
                        epilog=examples("dsimagenet train --data out/32_box --out runs/wrn-28-2 --width 2",
-                                       "dsimagenet train --data out/32_box --out runs/wrn-28-2 --width 2 --resume"))
+                                       "dsimagenet train --data out/16_box --out runs/nb201 --classes 120 "
+                                       "--recipe nasbench201"))
     add_config_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (or start it if there is none)")

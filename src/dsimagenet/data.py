@@ -21,11 +21,15 @@ The Loader is a thin iterable over small pure functions, each usable alone (plan
 
 Augmentations (per epoch, drawn from ``numpy.random.default_rng([seed, epoch])``):
   "paper": 2N samples, every image once as it is and once mirrored (the paper's code concatenates flipped
-           copies), each shifted by up to 4 px: zero padding after mean subtraction, then a random crop;
+           copies), each shifted by up to ``pad`` px (4: the paper's): zero padding after mean subtraction
+           (``pad_fill="mean"``), then a random crop;
   "flip":  N samples, random mirror and the same shift;
   "none":  N samples as they are.
+``pad_fill="black"`` pads with pixels of 0 before normalisation instead, as torchvision's RandomCrop(S,
+padding=pad) does on the uint8 image (NAS-Bench-201: flip, RandomCrop(16, padding=2), ToTensor, Normalize).
 Normalisation: "mean" subtracts the mean training image and divides by 255 (the paper's code); "meanstd"
-uses per-channel mean and std of the training set; None only scales to [0, 1].
+uses per-channel mean and std of the training set; "nasbench201" NAS-Bench-201's per-channel constants
+(``NB201_MEAN``, ``NB201_STD``); None only scales to [0, 1].
 
 Tested by ``.venv/bin/python -m pytest -q tests/test_data.py`` (every batch against a float64 per-sample
 reference); measured by ``.venv/bin/python bench/load.py`` (against a PIL + DataLoader pipeline).
@@ -43,8 +47,13 @@ import torch
 from dsimagenet.errors import ConfigError
 
 AUGMENTS = ("paper", "flip", "none")
-NORMALIZE = ("mean", "meanstd", None)
-PAD = 4
+NORMALIZE = ("mean", "meanstd", "nasbench201", None)
+PAD_FILLS = ("mean", "black")
+PAD = 4  # the paper's shift; any other is the Loader's ``pad``
+# NAS-Bench-201's Normalize(mean=[x / 255 for x in NB201_MEAN], std=[x / 255 for x in NB201_STD]) after ToTensor's
+# /255: the same as (x - NB201_MEAN) / NB201_STD on 0..255 values
+NB201_MEAN = (122.68, 116.66, 104.01)
+NB201_STD = (63.22, 61.26, 65.09)
 
 
 # --- statistics and residency: decided once, before any batch
@@ -68,6 +77,8 @@ def compute_stats(dataset, normalize: str | None = "mean") -> Stats:
         raise ConfigError(f"normalize (--normalize) must be one of {NORMALIZE}, not {normalize!r}")
     if normalize is None:
         return Stats(None, np.zeros(()), np.array(255.0), wnids)
+    if normalize == "nasbench201":
+        return Stats("nasbench201", np.array(NB201_MEAN), np.array(NB201_STD), wnids)
     if normalize == "mean":
         if dataset.mean is None:
             raise ConfigError("this split carries no mean image (official val files do not): pass "
@@ -163,8 +174,10 @@ class EpochPlan:
     shift: np.ndarray | None  # int64 (M, 2): (dy, dx) crop origin in the padded image; None for no shift
 
 
-def epoch_plan(n: int, epoch: int, seed: int, augment: str, shuffle: bool = True) -> EpochPlan:
-    """A pure function of its arguments: the same epoch of the same seed is the same on every machine."""
+def epoch_plan(n: int, epoch: int, seed: int, augment: str, shuffle: bool = True, pad: int = PAD) -> EpochPlan:
+    """A pure function of its arguments: the same epoch of the same seed is the same on every machine. Shifts
+    are crop origins in the image padded by ``pad`` on each side, 0..2*pad (torchvision's RandomCrop draws them
+    so)."""
     if augment not in AUGMENTS:
         raise ConfigError(f"augment (--augment) must be one of {AUGMENTS}, not {augment!r}")
     rng = np.random.default_rng([seed, epoch])
@@ -174,7 +187,7 @@ def epoch_plan(n: int, epoch: int, seed: int, augment: str, shuffle: bool = True
         index, flip = order % n, order >= n  # samples n..2n-1 are the mirrored copies
     else:
         index, flip = order, (rng.random(m) < 0.5) if augment == "flip" else np.zeros(m, bool)
-    shift = rng.integers(0, 2 * PAD + 1, size=(m, 2)) if augment != "none" else None
+    shift = rng.integers(0, 2 * pad + 1, size=(m, 2)) if augment != "none" else None
     return EpochPlan(index.astype(np.int64), flip, shift)
 
 
@@ -197,12 +210,12 @@ def rank_shares(samples: int, batch_size: int, rank: int = 0, world_size: int = 
     return np.stack([lo, lo + q + (rank < r)], 1)
 
 
-def crop_offsets(slot: np.ndarray, shift: np.ndarray | None, size: int) -> np.ndarray:
+def crop_offsets(slot: np.ndarray, shift: np.ndarray | None, size: int, pad: int = PAD) -> np.ndarray:
     """Where each sample's (3, S, S) crop window starts, as a flat offset into the zero-bordered batch
-    buffer of ``batch_buffers`` (B, 3, S + 2*PAD, S + 2*PAD): ``slot`` is the sample's place in that buffer,
+    buffer of ``batch_buffers`` (B, 3, S + 2*pad, S + 2*pad): ``slot`` is the sample's place in that buffer,
     ``shift`` its (dy, dx) crop origin in the padded image (None: no shift, the image itself)."""
-    s2 = size + 2 * PAD
-    dy, dx = shift.T if shift is not None else (np.full(len(slot), PAD),) * 2
+    s2 = size + 2 * pad
+    dy, dx = shift.T if shift is not None else (np.full(len(slot), pad),) * 2
     return slot * (3 * s2 * s2) + dy * s2 + dx
 
 
@@ -220,8 +233,8 @@ class RankPlan:
 
 
 def rank_plan(plan: EpochPlan, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-              size: int = 32) -> RankPlan:
-    """``plan`` cut into this rank's batches (``rank_shares``) for images of ``size`` px."""
+              size: int = 32, pad: int = PAD) -> RankPlan:
+    """``plan`` cut into this rank's batches (``rank_shares``) for images of ``size`` px padded by ``pad``."""
     shares = rank_shares(len(plan.index), batch_size, rank, world_size, drop_last)
     lengths = shares[:, 1] - shares[:, 0]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -233,7 +246,7 @@ def rank_plan(plan: EpochPlan, batch_size: int, rank: int = 0, world_size: int =
     slot[order] = np.arange(len(order))
     slot -= bounds[step]  # where each output sample sits in its batch's reading order
     plain = plan.shift is None and not plan.flip.any()
-    base = None if plain else crop_offsets(slot, None if plan.shift is None else plan.shift[pos], size)
+    base = None if plain else crop_offsets(slot, None if plan.shift is None else plan.shift[pos], size, pad)
     index = plan.index[pos]
     mirrored = np.bincount(step, weights=flip, minlength=len(shares)).astype(np.int64)
     return RankPlan(bounds, mirrored, index[order], base, index)
@@ -269,13 +282,31 @@ class BatchBuffers(NamedTuple):
     rows: torch.Tensor  # (B, 3, S, S) uint8: room for the gathered images
 
 
-def batch_buffers(batch_size: int, size: int, device: str | torch.device) -> BatchBuffers:
-    s, s2, b = size, size + 2 * PAD, max(batch_size, 1)
-    pad = torch.zeros((b, 3, s2, s2), device=device)
-    last = pad.numel() - ((2 * s2 + s - 1) * s2 + s)  # the last offset whose crop stays inside
-    return BatchBuffers(pad[:, :, PAD:PAD + s, PAD:PAD + s],
-                        pad.view(-1).as_strided((last + 1, 3, s, s), (1, s2 * s2, s2, 1)),
+def batch_buffers(batch_size: int, size: int, device: str | torch.device, pad: int = PAD,
+                  fill: np.ndarray | None = None) -> BatchBuffers:
+    """``fill``: the border's value in each of the 3 channels (``border``); None: 0."""
+    s, s2, b, p = size, size + 2 * pad, max(batch_size, 1), pad
+    buf = torch.zeros((b, 3, s2, s2), device=device)
+    if fill is not None:  # the middle is overwritten by every batch; the border keeps this
+        buf.copy_(torch.as_tensor(np.asarray(fill, np.float32)).view(1, 3, 1, 1).expand_as(buf))
+    last = buf.numel() - ((2 * s2 + s - 1) * s2 + s)  # the last offset whose crop stays inside
+    return BatchBuffers(buf[:, :, p:p + s, p:p + s],
+                        buf.view(-1).as_strided((last + 1, 3, s, s), (1, s2 * s2, s2, 1)),
                         torch.empty((b, 3, s, s), dtype=torch.uint8, device=device))
+
+
+def border(stats: Stats, pad_fill: str) -> np.ndarray | None:
+    """The padding's value in each channel after normalisation: "mean" 0 (None), "black" the value a pixel of 0
+    becomes, -mean / scale (float32, as ``normalisation`` computes it), which needs per-channel stats."""
+    if pad_fill not in PAD_FILLS:
+        raise ConfigError(f"pad_fill (--pad-fill) must be one of {PAD_FILLS}, not {pad_fill!r}")
+    if pad_fill == "mean":
+        return None
+    if np.ndim(stats.mean) > 1 or np.ndim(stats.scale) > 1:
+        raise ConfigError(f"pad_fill (--pad-fill) black needs per-channel normalisation (--normalize meanstd or "
+                          f"nasbench201), not {stats.kind}: a mean image has no value outside the image")
+    # as normalisation's ``add`` (-mean / scale in float64, then float32): a 0 pixel is exactly this there
+    return np.broadcast_to(-np.asarray(stats.mean, np.float64) / stats.scale, (3,)).astype(np.float32)
 
 
 def gather_batch(images, read, unmirrored: int, base: torch.Tensor | None, norm: Normalisation,
@@ -342,6 +373,13 @@ def check_loader_arguments(dataset, batch_size: int, augment: str, drop_last: bo
                           "epoch would have no batch")
 
 
+def check_pad(pad: int, size: int) -> None:
+    """ConfigError unless ``pad`` is a padding for ``size`` px images: 0..size (a wider one would crop nothing
+    but border)."""
+    if not _is_int(pad) or not 0 <= pad <= size:
+        raise ConfigError(f"pad (--pad) must be an integer in 0..{size} (the image size), not {pad!r:.20}")
+
+
 class Loader:
     """Batches of ``(x, y)``: x ``dtype`` (B, 3, S, S) on ``device``, y int64 (B,). See the module docstring.
 
@@ -350,14 +388,18 @@ class Loader:
     through pinned memory. ``stats``: normalise with these (a training split's, for val) instead of this
     split's own ``compute_stats(dataset, normalize)``. ``rank``/``world_size``: this process's share of every
     global batch of ``batch_size`` (DDP); without ``drop_last`` a final global batch smaller than
-    ``world_size`` leaves some ranks an empty share.
+    ``world_size`` leaves some ranks an empty share. ``pad``: the shifts' padding (at most the image size);
+    ``pad_fill``: what the padding holds ("mean": 0 after normalisation; "black": 0 before, see ``border``).
     """
 
     def __init__(self, dataset, batch_size: int = 128, device: str | torch.device = "cpu", augment: str = "paper",
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, normalize: str | None = "mean", stats: Stats | None = None,
-                 resident: bool | None = None, rank: int = 0, world_size: int = 1):
+                 resident: bool | None = None, rank: int = 0, world_size: int = 1, pad: int = PAD,
+                 pad_fill: str = "mean"):
         check_loader_arguments(dataset, batch_size, augment, drop_last, rank, world_size)
+        check_pad(pad, dataset.data.shape[1])
+        self.pad = pad
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.augment, self.shuffle, self.seed, self.drop_last = augment, shuffle, seed, drop_last
         self.dtype, self.channels_last, self.rank, self.world_size = dtype, channels_last, rank, world_size
@@ -368,6 +410,7 @@ class Loader:
         self.resident = decide_residency(dataset.data, self.device) if resident is None else resident
         self.images = make_resident(dataset.data, self.device) if self.resident else None
         self._norm = normalisation(self.stats, self.size, self.device)
+        self._fill = border(self.stats, pad_fill) if augment != "none" else None
         self._buf: BatchBuffers | None = None
         self.epoch_index = 0
 
@@ -379,11 +422,12 @@ class Loader:
         return steps_per_epoch(self.samples_per_epoch, self.batch_size, self.drop_last)
 
     def plan(self, epoch: int) -> EpochPlan:
-        return epoch_plan(self.n, epoch, self.seed, self.augment, self.shuffle)
+        return epoch_plan(self.n, epoch, self.seed, self.augment, self.shuffle, self.pad)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``epoch`` from ``start_step`` on: what a resumed run would have seen."""
-        p = rank_plan(self.plan(epoch), self.batch_size, self.rank, self.world_size, self.drop_last, self.size)
+        p = rank_plan(self.plan(epoch), self.batch_size, self.rank, self.world_size, self.drop_last, self.size,
+                      self.pad)
         dev = self.device  # the plan moves to the device in one copy each, once an epoch
         if self.resident:
             images, read = self.images, torch.from_numpy(p.read).to(dev)
@@ -395,7 +439,7 @@ class Loader:
         for step in range(start_step, len(self)):
             lo, hi = bounds[step], bounds[step + 1]
             if base is not None and (self._buf is None or len(self._buf.rows) < hi - lo):
-                self._buf = batch_buffers(hi - lo, self.size, dev)
+                self._buf = batch_buffers(hi - lo, self.size, dev, self.pad, self._fill)
             x = gather_batch(images, read[lo:hi], hi - lo - mirrored[step], None if base is None else base[lo:hi],
                              self._norm, self._buf)
             if self.dtype != torch.float32 or self.channels_last:

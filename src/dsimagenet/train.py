@@ -136,7 +136,8 @@ def build(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_
     channels_last = c.channels_last and dev.type == "cuda"
     # with several ranks the last partial batch is dropped: an empty share would break BatchNorm
     loader = Loader(train_ds, c.batch_size, dev, c.augment, shuffle=True, seed=c.seed, normalize=c.normalize,
-                    channels_last=channels_last, rank=d.rank, world_size=d.world, drop_last=d.world > 1)
+                    channels_last=channels_last, rank=d.rank, world_size=d.world, drop_last=d.world > 1,
+                    pad=c.pad, pad_fill=c.pad_fill)
     val_loader = Loader(val_ds, c.eval_batch_size * d.world, dev, "none", shuffle=False, stats=loader.stats,
                         channels_last=channels_last, rank=d.rank, world_size=d.world)
     torch.manual_seed(c.seed)
@@ -519,8 +520,13 @@ def _write_per_class(path: Path, per_class: np.ndarray, ds: ImageNetDS) -> None:
 # --- the optimizer, the learning rate, evaluation
 
 def make_optimizer(model: WideResNet, c: TrainConfig, fused: bool = False) -> torch.optim.SGD:
-    """SGD; the paper's penalty wd * sum(w^2) on conv and linear weights is a gradient of 2 * wd * w.
-    ``fused`` (CUDA): one kernel per parameter group and step instead of several per tensor list."""
+    """SGD; with ``--decay paper`` the paper's penalty wd * sum(w^2) on conv and linear weights, a gradient of
+    2 * wd * w; with ``all`` PyTorch's weight_decay wd on every parameter, BN and biases too (NAS-Bench-201's
+    ``SGD(net.parameters(), ..., weight_decay=decay)``). ``fused`` (CUDA): one kernel per parameter group and
+    step instead of several per tensor list."""
+    if c.decay == "all":
+        return torch.optim.SGD([{"params": list(model.parameters()), "weight_decay": c.weight_decay}],
+                               lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, fused=fused or None)
     decay, no_decay = model.decayed_parameters()
     return torch.optim.SGD([{"params": decay, "weight_decay": 2 * c.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
