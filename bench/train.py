@@ -123,12 +123,13 @@ def mode_settings(mode: str) -> dict:
     return {"compile": True, "compile_mode": mode}
 
 
-SHAPES = [(32, 28, 2), (32, 28, 10), (16, 20, 10), (64, 36, 2)]  # WRN-28-2 first: the row bound by launches
+# WRN-28-2 first: the row bound by launches; WRN-28-10 last: its compilation is the longest
+SHAPES = [(32, 28, 2), (16, 20, 10), (64, 36, 2), (32, 28, 10)]
 
 
 def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str],
               models: list[str] | None = None, eager: bool = True, device: str = "cuda",
-              shapes: list[tuple[int, int, float]] = SHAPES) -> None:
+              shapes: list[tuple[int, int, float]] = SHAPES, also: list[str] = ()) -> None:
     import torch
 
     from dsimagenet.model import WideResNet, count_parameters
@@ -152,7 +153,9 @@ def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_m
             data = synthetic_native(tmp / f"d{size}", n, size)
             params = count_parameters(WideResNet(depth, width, 1000, size))
             titan = table.get((size, depth, float(width)), float("nan")) * 24  # nan: a shape not in Table 1
-            for mode in ["eager"] * eager + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
+            key = f"{depth}-{width:g}"
+            extra = [a.partition(":")[2] for a in also if a.partition(":")[0] == key]
+            for mode in ["eager"] * eager + (compile_modes if key in compile_models else []) + extra:
                 row = dict(model=f"WRN-{depth}-{width:g}", size=size, params=params, mode=mode, titan_x_hours=titan,
                            device=name)
                 try:
@@ -185,6 +188,8 @@ def main() -> None:
                    help="DEPTH-WIDTH of the GPU rows also run in the --compile-modes")
     p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"],
                    help="modes after eager: a torch.compile mode, graph (--cuda-graph), graph+compile")
+    p.add_argument("--also", nargs="*", default=[], metavar="DEPTH-WIDTH:MODE",
+                   help="one more mode for one model, after the others (e.g. 28-2:graph)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the GPU table's code")
     p.add_argument("--shape", nargs=3, type=float, metavar=("SIZE", "DEPTH", "WIDTH"),
                    help="one shape of your own instead of Table 1's (a smoke test)")
@@ -194,7 +199,7 @@ def main() -> None:
     if args.gpu:
         shapes = [(int(args.shape[0]), int(args.shape[1]), args.shape[2])] if args.shape else SHAPES
         bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models, not args.no_eager,
-                  args.device, shapes)
+                  args.device, shapes, args.also)
     else:
         bench_cpu(args.runs)
 
