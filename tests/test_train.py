@@ -260,7 +260,7 @@ BAD = {
     "order": ("random", "devkit, sorted"), "seed": (-1, "0..9223372036854775807"),
     "device": ("tpu", "auto, cpu, cuda"), "bf16": (1, "true or false"), "channels_last": (None, "true or false"),
     "compile": ("no", "true or false"), "compile_mode": ("fast", "default, reduce-overhead"),
-    "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
+    "cuda_graph": (1, "true or false"), "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
     "checkpoint_every_steps": (0, ">= 1"), "eval_batch_size": (0, ">= 1"),
     "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
 }
