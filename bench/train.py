@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/train.py            # CPU: WRN-28-2, 32 px, batch 128: trainer vs a plain eager loop
     python3 bench/train.py --gpu               # GPU: the Table 1 shapes, projected 40-epoch time vs Titan X days
+    python3 bench/train.py --gpu --models 28-2 --compile-modes graph graph+compile reduce-overhead
 
 CPU: the trainer (the Loader's paper augmentation on the device, fp32) against a plain eager fp32 loop over the
 same model fed by a torch DataLoader (2 workers) with per-sample PIL crop/flip/normalize; images/s of the second
 epoch (the first warms up), median of several runs, interleaved.
 GPU: the trainer with its CUDA defaults (bf16 autocast, channels_last, data resident on the GPU, cudnn
 benchmark), images/s over the second epoch on synthetic data; the projection is 40 epochs of 2 x 1,281,167
-images (the paper's doubled epoch) at that rate.
+images (the paper's doubled epoch) at that rate. Modes: eager (the baseline); a torch.compile mode (default,
+reduce-overhead, max-autotune); graph (``--cuda-graph``: the whole step, loader included, in one CUDA graph, eager
+kernels); graph+compile (``--cuda-graph --compile``: the same graph of inductor's kernels). A row that fails is
+printed as FAILED with its error and the table goes on; with --csv every row is written as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -108,8 +112,24 @@ def bench_cpu(runs: int) -> None:
     print(f"  ratio: {a / b:.2f}x")
 
 
+def mode_settings(mode: str) -> dict:
+    """The TrainConfig settings of a bench mode."""
+    if mode == "eager":
+        return {}
+    if mode == "graph":
+        return {"cuda_graph": True}
+    if mode == "graph+compile":
+        return {"cuda_graph": True, "compile": True}
+    return {"compile": True, "compile_mode": mode}
+
+
+# WRN-28-2 first: the row bound by launches; WRN-28-10 last: its compilation is the longest
+SHAPES = [(32, 28, 2), (16, 20, 10), (64, 36, 2), (32, 28, 10)]
+
+
 def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_modes: list[str],
-              models: list[str] | None = None, eager: bool = True) -> None:
+              models: list[str] | None = None, eager: bool = True, device: str = "cuda",
+              shapes: list[tuple[int, int, float]] = SHAPES, also: list[str] = ()) -> None:
     import torch
 
     from dsimagenet.model import WideResNet, count_parameters
@@ -117,32 +137,45 @@ def bench_gpu(n: int, out_csv: Path | None, compile_models: list[str], compile_m
     table = {(int(r["size"]), int(r["depth"]), float(r["width"])): float(r["titan_x_days"]) for r in
              csv.DictReader(line for line in open(Path(__file__).resolve().parent.parent / "src" / "dsimagenet" /
                                                   "resources" / "paper_table1.csv") if not line.startswith("#"))}
-    rows = []
-    print(f"train   on {torch.cuda.get_device_name()}, torch {torch.__version__}, batch 128, bf16, channels_last")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke test: not a figure)"
+    print(f"train   on {name}, torch {torch.__version__}, batch 128, bf16, channels_last", flush=True)
     print("  model        size  params      mode              images/s  40 epochs (h)  Titan X (h)  speed-up")
+    fields = ["model", "size", "params", "mode", "images_per_s", "hours_40_epochs", "titan_x_hours", "speedup",
+              "device", "error"]
+    if out_csv:
+        with open(out_csv, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for size, depth, width in [(16, 20, 10), (32, 28, 2), (32, 28, 10), (64, 36, 2)]:
+        for size, depth, width in shapes:
             if models and f"{depth}-{width:g}" not in models:
                 continue
             data = synthetic_native(tmp / f"d{size}", n, size)
-            for mode in ["eager"] * eager + (compile_modes if f"{depth}-{width:g}" in compile_models else []):
-                kw = {} if mode == "eager" else {"compile": True, "compile_mode": mode}
-                rate = trainer_rate(data, tmp / "run", depth, width, "cuda", **kw)
-                hours = 40 * EPOCH_IMAGES / rate / 3600
-                titan = table[(size, depth, float(width))] * 24
-                params = count_parameters(WideResNet(depth, width, 1000, size))
-                rows.append(dict(model=f"WRN-{depth}-{width:g}", size=size, params=params, mode=mode,
-                                 images_per_s=round(rate), hours_40_epochs=round(hours, 2), titan_x_hours=titan,
-                                 speedup=round(titan / hours, 1)))
-                print(f"  WRN-{depth}-{width:<4g}  {size:>4}  {params:>10,}  {mode:<16}  {rate:>10,.0f}  "
-                      f"{hours:>13.2f}  {titan:>11.1f}  {titan / hours:>7.1f}x", flush=True)
+            params = count_parameters(WideResNet(depth, width, 1000, size))
+            titan = table.get((size, depth, float(width)), float("nan")) * 24  # nan: a shape not in Table 1
+            key = f"{depth}-{width:g}"
+            extra = [a.partition(":")[2] for a in also if a.partition(":")[0] == key]
+            for mode in ["eager"] * eager + (compile_modes if key in compile_models else []) + extra:
+                row = dict(model=f"WRN-{depth}-{width:g}", size=size, params=params, mode=mode, titan_x_hours=titan,
+                           device=name)
+                try:
+                    rate = trainer_rate(data, tmp / "run", depth, width, device, **mode_settings(mode))
+                except Exception as e:  # noqa: BLE001 - one failing mode must not cost the other rows
+                    row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                    print(f"  WRN-{depth}-{width:<4g}  {size:>4}  {params:>10,}  {mode:<16}  FAILED: {row['error']}",
+                          flush=True)
+                else:
+                    hours = 40 * EPOCH_IMAGES / rate / 3600
+                    row.update(images_per_s=round(rate), hours_40_epochs=round(hours, 2),
+                               speedup=round(titan / hours, 1))
+                    print(f"  WRN-{depth}-{width:<4g}  {size:>4}  {params:>10,}  {mode:<16}  {rate:>10,.0f}  "
+                          f"{hours:>13.2f}  {titan:>11.1f}  {titan / hours:>7.1f}x", flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                if out_csv:  # row by row: a session cut short keeps what it measured
+                    with open(out_csv, "a", newline="") as f:
+                        csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
             shutil.rmtree(data)
-    if out_csv:
-        with open(out_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
 
 
 def main() -> None:
@@ -151,14 +184,22 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--images", type=int, default=25_600, help="synthetic training images per GPU row")
     p.add_argument("--csv", type=Path, help="also write the GPU rows here")
-    p.add_argument("--compile-models", nargs="*", default=["20-10", "28-2", "36-2"],
-                   help="DEPTH-WIDTH of the GPU rows also run with torch.compile")
-    p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"])
+    p.add_argument("--compile-models", nargs="*", default=["20-10", "28-2", "28-10", "36-2"],
+                   help="DEPTH-WIDTH of the GPU rows also run in the --compile-modes")
+    p.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"],
+                   help="modes after eager: a torch.compile mode, graph (--cuda-graph), graph+compile")
+    p.add_argument("--also", nargs="*", default=[], metavar="DEPTH-WIDTH:MODE",
+                   help="one more mode for one model, after the others (e.g. 28-2:graph)")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the GPU table's code")
+    p.add_argument("--shape", nargs=3, type=float, metavar=("SIZE", "DEPTH", "WIDTH"),
+                   help="one shape of your own instead of Table 1's (a smoke test)")
     p.add_argument("--models", nargs="*", help="only these DEPTH-WIDTH GPU rows (default: all four)")
     p.add_argument("--no-eager", action="store_true", help="leave out the eager GPU rows")
     args = p.parse_args()
     if args.gpu:
-        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models, not args.no_eager)
+        shapes = [(int(args.shape[0]), int(args.shape[1]), args.shape[2])] if args.shape else SHAPES
+        bench_gpu(args.images, args.csv, args.compile_models, args.compile_modes, args.models, not args.no_eager,
+                  args.device, shapes, args.also)
     else:
         bench_cpu(args.runs)
 

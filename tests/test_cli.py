@@ -182,9 +182,9 @@ def test_what_a_resume_may_change_is_the_options():
     # the hand-kept sets these replace (recipe.OPERATIONAL, build._plan_digest's), written out
     assert OPERATIONAL == operational(train) == {
         "out", "data", "log_every", "checkpoint_minutes", "checkpoint_every_steps", "compile", "compile_mode",
-        "quiet", "eval_batch_size"}
+        "quiet", "eval_batch_size", "cuda_graph"}
     assert operational(build) == {"workers", "quiet", "verify", "chunk_rows", "out", "skip_bad", "allow_partial"}
-    assert operational(tune) == {"out", "trials", "storage", "study", "workers", "quiet"}
+    assert operational(tune) == {"out", "trials", "storage", "study", "workers", "quiet", "gpus", "runs_per_gpu"}
 
 
 def test_flags_take_their_type_choices_and_help_from_the_fields():

@@ -270,7 +270,7 @@ BAD = {
     "val_split": ("test", "val, validation, x-valid, x-test, search-valid"), "val_fraction": (1.0, "(0, 1)"),
     "device": ("tpu", "auto, cpu, cuda"), "bf16": (1, "true or false"), "channels_last": (None, "true or false"),
     "compile": ("no", "true or false"), "compile_mode": ("fast", "default, reduce-overhead"),
-    "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
+    "cuda_graph": (1, "true or false"), "log_every": (0, ">= 1"), "checkpoint_minutes": (float("inf"), "[0, 1e+09]"),
     "checkpoint_every_steps": (0, ">= 1"), "eval_batch_size": (0, ">= 1"),
     "report_epoch": (0, ">= 1"), "quiet": ("false", "true or false"),
     "recipe": ("nasbench", "paper, nasbench201"), "decay": ("l2", "paper, all"), "pad": (-1, "0..1024"),

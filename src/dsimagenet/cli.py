@@ -239,7 +239,7 @@ def _sweep(args: argparse.Namespace) -> int:
     base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "out" and hasattr(args, f.name)})  # flags override the spec's base; --out is the sweep's
     outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of,
-                                storage=args.storage))
+                                storage=args.storage, gpus=args.gpus, runs_per_gpu=args.runs_per_gpu))
     print(f"{args.out}: {summary(outcome)}; results in {args.out}/results.csv")
     failed = {n: v for n, v in outcome.items() if kind(v) == "failed"}
     for name, what in failed.items():
@@ -423,7 +423,12 @@ def _add_experiment_commands(sub) -> None:
     p.add_argument("--grid", help='the grid, space-separated NAME=VALUE,VALUE,...: e.g. "method=box,nearest '
                                   'lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
     p.add_argument("--out", required=True, help="the sweep directory")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time on this machine (default: one a GPU slot, see --runs-per-gpu; 1 on the CPU)")
+    p.add_argument("--gpus", help="GPUs of this machine to spread the runs over, e.g. 0,1,2,3 (default: every "
+                                  "visible one, when the runs train on CUDA)")
+    p.add_argument("--runs-per-gpu", type=int, default=None,
+                   help="runs sharing one GPU at a time (default: one, or --jobs spread over the GPUs)")
     p.add_argument("--index", type=int, default=0, help="this worker's index in a job array (0-based)")
     p.add_argument("--of", type=int, default=1, help="the number of workers in the job array")
     p.add_argument("--storage", help="an Optuna storage URL (or journal:PATH) that workers on any machine share: "

@@ -342,6 +342,24 @@ def gather_batch(images, read, unmirrored: int, base: torch.Tensor | None, norm:
     return crops.index_select(0, base)
 
 
+def gather_fixed(images: torch.Tensor, read: torch.Tensor, mirrored: torch.Tensor | None, base: torch.Tensor | None,
+                 norm: Normalisation, buffers: BatchBuffers | None) -> torch.Tensor:
+    """``gather_batch`` with shapes and addresses that never change from step to step, so that it can be
+    captured in a CUDA graph: every batch has ``len(read)`` images, ``mirrored`` (bool, reading order) says which
+    are mirrored (instead of a count that cuts the batch in two), and ``images`` is the resident tensor. The
+    values are gather_batch's: the same products and sums, chosen per image."""
+    u = images.index_select(0, read)
+    if base is None:
+        x = u.float()
+        return torch.addcmul(norm.add, x, norm.mul, out=x)
+    mid, crops, _ = buffers
+    x = u.float()
+    plain = torch.addcmul(norm.add, x, norm.mul)
+    flipped = torch.addcmul(norm.add_flipped, x.flip(3), norm.mul_flipped)
+    torch.where(mirrored[:, None, None, None], flipped, plain, out=mid[:len(read)])
+    return crops.index_select(0, base)
+
+
 # --- the Loader: checks its arguments, then composes the functions above
 
 

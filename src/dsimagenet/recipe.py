@@ -168,6 +168,9 @@ class TrainConfig(_Named):
     compile: bool = option(False, help="torch.compile the model")
     compile_mode: CompileMode = option("default", help="torch.compile mode; reduce-overhead uses CUDA graphs "
                                                        "(pays off for small models)")
+    cuda_graph: bool = option(False, help="capture the whole training step (batch gather and augmentation, forward, "
+                                          "backward, optimizer step) in one CUDA graph, one launch a step (CUDA, one "
+                                          "process; with --compile in its default mode)")
     log_every: int = option(100, check=integer(1), help="print (and read the loss from the device) every N steps")
     checkpoint_minutes: float = option(10.0, check=number(0, 1e9),
                                        help="also checkpoint inside an epoch every this many minutes")
@@ -230,6 +233,9 @@ def validate(c: TrainConfig) -> None:
         none = " (NAS-Bench-201 publishes no split files for it)" if c.classes else ""
         raise ConfigError(f"--val-split {c.val_split} is NAS-Bench-201's split of ImageNet16-120: it needs --classes "
                           f"120, not {c.classes}{none}")
+    if c.cuda_graph and c.compile and c.compile_mode != "default":  # its CUDA graphs cannot nest in the step's
+        raise ConfigError(f"--cuda-graph captures the whole step itself: use it with --compile-mode default, not "
+                          f"{c.compile_mode}")
     if c.nesterov and c.momentum == 0:
         raise ConfigError("--nesterov needs a --momentum above 0")
     if c.pad_fill == "black" and c.normalize == "mean" and c.augment != "none":

@@ -5,6 +5,7 @@
     dsimagenet sweep spec.yaml --jobs 2                  # grid and base flags from a file
     dsimagenet sweep spec.yaml --index $SLURM_ARRAY_TASK_ID --of 8     # a job array: each task its share
     dsimagenet sweep spec.yaml --storage postgresql://host/db          # workers anywhere share one study
+    dsimagenet sweep spec.yaml --gpus 0,1,2,3 --runs-per-gpu 2          # 8 runs at a time, 2 on each GPU
 
 Every run gets its own directory under ``--out``, named by the values that vary. A finished run is skipped, an
 interrupted one resumed, a diverged one kept as diverged (it would diverge again); a lock file per run makes
@@ -15,6 +16,8 @@ A run that fails (its data missing, a disk full) is recorded as failed and the s
 ``method`` and ``size`` choose the data: ``--data`` may hold ``{size}`` and ``{method}``; without them it is
 taken as a ``dsimagenet build`` output folder and ``{data}/{size}_{method}`` is used. Results:
 ``load_runs(SWEEP_DIR)``, and ``SWEEP_DIR/results.csv`` (one row per run of the grid, with its status).
+Runs on CUDA are spread over the machine's GPUs (``--gpus``, default every visible one; ``--runs-per-gpu``), each
+worker seeing only its own GPU; how that combines with ``--jobs`` is in dsimagenet.placement.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import csv
 import dataclasses
 import fcntl
 import json
-import multiprocessing
 import os
 import sys
 from collections import Counter
@@ -47,11 +49,13 @@ class SweepConfig:
     out: str
     grid: dict[str, list] = field(default_factory=dict)  # name -> values; TrainConfig fields, method, size
     base: dict = field(default_factory=dict)  # TrainConfig fields shared by every run (data, epochs, ...)
-    jobs: int = 1
+    jobs: int | None = None  # runs at a time here; None: one per GPU slot (dsimagenet.placement), 1 on the CPU
     index: int = 0
     of: int = 1
     storage: str | None = None  # an Optuna storage shared by workers: each takes the next run nobody started
     quiet: bool = False  # no line per run
+    gpus: str | tuple[int, ...] | None = None  # the GPUs of this machine to use ("0,1"); None: every visible one
+    runs_per_gpu: int | None = None  # runs sharing one GPU
 
     def __post_init__(self):
         validate(self)
@@ -62,7 +66,12 @@ def validate(s: SweepConfig) -> None:
     Grid and base values are typed and checked by ``grid.check``; the typed values replace the given ones."""
     if not isinstance(s.out, str) or not s.out:
         raise ConfigError(f"--out must be a folder, not {s.out!r}")
-    for name, value, lo in (("jobs", s.jobs, 1), ("of", s.of, 1), ("index", s.index, 0)):
+    from dsimagenet.placement import check_count, parse_gpus
+
+    check_count(s.jobs, "--jobs")
+    check_count(s.runs_per_gpu, "--runs-per-gpu")
+    object.__setattr__(s, "gpus", parse_gpus(s.gpus))
+    for name, value, lo in (("of", s.of, 1), ("index", s.index, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
             raise ConfigError(f"--{name} must be an integer >= {lo}, not {value!r}")
     if s.index >= s.of:
@@ -245,14 +254,39 @@ def _claimed_from_storage(s: SweepConfig, runs: list[tuple[str, TrainConfig]], l
     return outcome
 
 
+def _storage_worker(s: SweepConfig, runs: list[tuple[str, TrainConfig]], lock_dir: str, threads: int) -> dict:
+    """One of several workers of this machine taking runs from the shared study (in its own process)."""
+    def tell(name: str, what: str) -> None:
+        if not s.quiet:
+            print(f"{name}: {what}", flush=True)
+
+    return _claimed_from_storage(s, runs, lock_dir, threads, tell)
+
+
+def _merge(outcomes: list[dict[str, str]]) -> dict[str, str]:
+    """The outcome of each run over several workers: what the worker that ran it says, over another's
+    "finished before" (it looked after the run ended) or "running elsewhere" (while it ran)."""
+    rank = {"running elsewhere": 0, "finished before": 1}
+    merged: dict[str, str] = {}
+    for outcome in outcomes:
+        for name, what in outcome.items():
+            if name not in merged or rank.get(what, 2) > rank.get(merged[name], 2):
+                merged[name] = what
+    return merged
+
+
 def sweep(s: SweepConfig) -> dict[str, str]:
     """Run this worker's share of the grid; returns {run name: what happened} and writes results.csv.
     Every run is planned and checked against what is on disk before anything is created."""
+    from dsimagenet.placement import pool, resolve, threads_per_worker
+
     runs = expand(s)
     mine = [r for i, r in enumerate(runs) if i % s.of == s.index]
+    placement = resolve(s.gpus, s.runs_per_gpu, s.jobs, {c.device for _, c in mine} or {"auto"})
     check_existing(mine)
     lock_dir = str(Path(s.out) / LOCKS)
-    threads = max(1, (os.cpu_count() or 1) // s.jobs)
+    threads = threads_per_worker(placement.workers)
+    here = placement.workers == 1 and not placement.pinned  # one CPU worker: in this process
     outcome: dict[str, str] = {}
     progress = _progress_bar(len(mine), s.quiet or s.base.get("quiet", False))  # --quiet: the runs' outcomes only
 
@@ -262,15 +296,18 @@ def sweep(s: SweepConfig) -> dict[str, str]:
             _say(progress, f"{name}: {what}")
         progress.update(1)
 
-    if s.storage:
+    if s.storage and here:
         _claimed_from_storage(s, mine, lock_dir, threads, tell)
-    elif s.jobs == 1:
+    elif s.storage:
+        with pool(placement) as workers:
+            futures = [workers.submit(_storage_worker, s, mine, lock_dir, threads) for _ in range(placement.workers)]
+            outcome.update(_merge([f.result() for f in futures]))
+    elif here:
         for name, config in mine:
             tell(name, _run_one(name, config, lock_dir, threads))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(s.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, name, config, lock_dir, threads): name for name, config in mine}
+        with pool(placement) as workers:
+            futures = {workers.submit(_run_one, name, config, lock_dir, threads): name for name, config in mine}
             for f in cf.as_completed(futures):
                 tell(futures[f], f.result())
     progress.close()

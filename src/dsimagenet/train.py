@@ -55,7 +55,9 @@ from dsimagenet.distributed import Dist
 from dsimagenet.errors import Diverged
 from dsimagenet.formats import native
 from dsimagenet.formats.atomic import atomic_write
+from dsimagenet.graphstep import GraphStep, graph_forward
 from dsimagenet.model import WideResNet, count_parameters, default_depth
+from dsimagenet.placement import device_facts
 from dsimagenet.preflight import check_environment  # also train's API (__all__)
 from dsimagenet.recipe import TrainConfig, learning_rate
 from dsimagenet.runs import RunError
@@ -112,6 +114,7 @@ class Parts:
     opt_step: Callable  # opt.step, compiled with --compile
     amp: bool  # bf16 autocast
     params: int
+    graph: GraphStep | None = None  # with --cuda-graph on CUDA: the whole step, one launch (graphstep.py)
 
     @property
     def run(self) -> Path:
@@ -145,13 +148,29 @@ def build(c: TrainConfig, d: Dist, dev: torch.device, train_ds: ImageNetDS, val_
     model = WideResNet(c.depth or default_depth(size), c.width, len(train_ds.wnids), size, c.dropout).to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel
-    opt = make_optimizer(model, c, fused=dev.type == "cuda" and not c.compile)
+    # compiled, the optimizer step is compiled too (inductor fuses it); eager on CUDA, the fused kernel (which a
+    # CUDA graph captures with its learning rate in device memory)
+    opt = make_optimizer(model, c, fused=dev.type == "cuda" and (not c.compile or c.cuda_graph))
     params = count_parameters(model)
     amp = dev.type == "cuda" and c.bf16
     net, forward, opt_step = _networks(c, d, dev, model, opt, amp)
     return Parts(c, d, dev, fingerprint, loader, len(loader), val_loader, val_ds, model, opt, net, forward, opt_step,
-                 amp, params)
+                 amp, params, _graph_step(c, dev, loader, model, opt, net, forward, amp))
+
+
+def _graph_step(c: TrainConfig, dev: torch.device, loader: Loader, model: WideResNet, opt: torch.optim.Optimizer,
+                net: nn.Module, forward: Callable, amp: bool) -> GraphStep | None:
+    """With --cuda-graph on CUDA, the step that captures itself; on a CPU there are no CUDA graphs: the step runs
+    as it always does, and says so."""
+    if not c.cuda_graph:
+        return None
+    if dev.type != "cuda":
+        if not c.quiet:
+            print("--cuda-graph: no CUDA device here, the step runs without a graph", flush=True)
+        return None
+    if not c.compile:  # compiled, the forward is traced with its autocast; eager, autocast must keep no cache
+        forward = graph_forward(net, nn.CrossEntropyLoss(label_smoothing=c.label_smoothing), dev.type, amp)
+    return GraphStep(loader, model, opt, forward, capture=True)
 
 
 def _networks(c: TrainConfig, d: Dist, dev: torch.device, model: WideResNet, opt: torch.optim.Optimizer,
@@ -230,7 +249,8 @@ def _start(p: Parts) -> Progress:
         runs.write_json(run / runs.CONFIG, runs.config_record(
             c, dataset_fingerprint=p.fingerprint, world_size=p.dist.world, device=str(p.device), params=p.params,
             depth=p.model.depth, image_size=p.model.image_size, num_classes=p.num_classes, method=method,
-            class_wnids=list(p.val_ds.wnids), splits=split_record(p.loader.dataset, p.val_ds)))
+            class_wnids=list(p.val_ds.wnids), splits=split_record(p.loader.dataset, p.val_ds),
+            **device_facts(p.device)))
         with runs.naming(run / runs.METRICS):
             (run / runs.METRICS).touch()
     return _progress(p)
@@ -310,15 +330,19 @@ def train_epoch(p: Parts, at: Progress, epoch: int, stop: list[int]) -> list[flo
     at.since = time.perf_counter()
     p.net.train()
     first = at.start_step if epoch == at.start_epoch else 0
-    for step, (x, y) in enumerate(p.loader.epoch(epoch, first), first):
+    batches = p.loader.epoch(epoch, first) if p.graph is None else p.graph.epoch(epoch, first)
+    for step, (x, y) in enumerate(batches, first):
         lr = learning_rate(c, epoch, step, p.steps)
         if lr != at.lr:
             _set_lr(p.opt, lr, c.compile)
             at.lr = lr
-        loss, sums = p.forward(x, y)
-        p.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        p.opt_step()
+        if p.graph is not None:  # gather, forward, backward and optimizer step: one graph (x None) or eager
+            loss, sums = p.graph.step(x, y)
+        else:
+            loss, sums = p.forward(x, y)
+            p.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            p.opt_step()
         # running sums stay on the device: no host synchronisation per step
         # (a tensor made from a Python number here would be a host-to-device copy, which synchronises)
         at.sums += sums
@@ -498,7 +522,8 @@ def _result(p: Parts, at: Progress, metrics: list[dict]) -> dict:
               "params": p.params, "epochs": c.epochs, "depth": p.model.depth, "width": c.width,
               "image_size": p.model.image_size, "train_seconds": round(at.train_seconds, 3),
               "train_images_per_s": round(at.images_seen / at.train_seconds, 1), "device": str(p.device),
-              "world_size": p.dist.world, "val_images": len(p.val_ds)}  # errors are k wrong of these, in percent
+              "world_size": p.dist.world, "val_images": len(p.val_ds),  # errors are k wrong of these, in percent
+              **device_facts(p.device)}
     at_report = [m for m in metrics if m["epoch"] == c.report_epoch]
     if at_report:
         result[f"top1_error_ep{c.report_epoch}"] = at_report[0]["top1_error"]
@@ -538,7 +563,9 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float, tensor: bool) -> None:
     compiled in as a constant); a new optimizer or a resumed checkpoint brings a float or a tensor: the first
     call of a run, before the first step, makes it the kind this run needs."""
     for g in opt.param_groups:
-        if not tensor:
+        if isinstance(g["lr"], torch.Tensor) and g["lr"].is_cuda:  # --cuda-graph's: the graph reads it there
+            g["lr"].fill_(lr)
+        elif not tensor:
             g["lr"] = lr
         elif isinstance(g["lr"], torch.Tensor) and not g["lr"].is_cuda:
             g["lr"].fill_(lr)

@@ -3,6 +3,7 @@
     dsimagenet tune --data out/{size}_box --out tune/ --trials 50 --max-epochs 40 --sizes 16 32
     dsimagenet tune --data out/16_box --out tune/ --trials 50            # a fixed low resolution as the proxy
     dsimagenet tune ... --storage postgresql://host/db --workers 4       # more workers, any machine
+    dsimagenet tune ... --gpus 0,1 --runs-per-gpu 4                      # 8 trials at a time on two GPUs
 
 Dimensions: learning rate (log scale), width, weight decay (log scale) and, with ``--sizes``, the resolution.
 Each trial is one call of ``dsimagenet.benchmark.objective``: a training run under ``OUT/trials/<key>/`` (its
@@ -12,7 +13,8 @@ ones early, and a trial whose loss diverges ends as pruned (never a value). A pr
 ``--trials``, the best so far) follows the study, from every worker on this machine. The
 study lives in its storage (an SQLite file ``OUT/study.db`` by default; any Optuna RDB URL, or ``journal:PATH``
 for a journal file on a shared disk), so a tune that is interrupted continues where it stopped, and workers on
-other machines join the same study.
+other machines join the same study. Trials on CUDA are spread over the machine's GPUs (``--gpus``, default every
+visible one; ``--runs-per-gpu``), each worker seeing only its own GPU (see dsimagenet.placement).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import concurrent.futures as cf
 import csv
 import dataclasses
 import json
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,14 @@ class TuneConfig:
         help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:PATH (default: OUT/study.db)")
     study: str = option("dsimagenet", check=(lambda v: isinstance(v, str) and v != "", "a name"),
                         help="the study's name in the storage")
-    workers: int = option(1, check=whole(1), help="trials at a time on this machine")
+    workers: int | None = option(None, check=whole(1, optional=True),
+                                 help="trials at a time on this machine (default: one a GPU slot, or 1 on the CPU)")
+    gpus: str | None = option(None, check=(lambda v: v is None or isinstance(v, (str, tuple, list)),
+                                           "GPU indices, comma-separated"),
+                              help="GPUs of this machine to spread the workers over, e.g. 0,1,2,3 (default: every "
+                                   "visible one)")
+    runs_per_gpu: int | None = option(None, check=whole(1, optional=True),
+                                      help="trials sharing one GPU (default: one, or --workers spread over the GPUs)")
     quiet: bool = option(False, help="print nothing but errors (no progress line)")
     seed: int = recipe(0, check=whole(0), help="seed of the sampler")
     base: dict = recipe(default_factory=dict, check=(lambda v: isinstance(v, dict), "a mapping of train settings"),
@@ -90,7 +98,7 @@ def validate(c: TuneConfig) -> None:
         if not isinstance(getattr(c, name), str) or not getattr(c, name):
             raise ConfigError(f"--{name} must not be empty")
     for name, lo in (("trials", 1), ("min_epochs", 1), ("max_epochs", 1), ("reduction_factor", 2),
-                     ("workers", 1), ("seed", 0)):
+                     ("seed", 0)):
         v = getattr(c, name)
         if not is_int(v) or v < lo:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, not {v!r}")
@@ -114,6 +122,11 @@ def validate(c: TuneConfig) -> None:
         raise ConfigError(f"--data {c.data} holds {{size}}: give the sizes to search with --sizes")
     if c.storage is not None:
         check_storage_url(c.storage)
+    from dsimagenet.placement import check_count, parse_gpus
+
+    check_count(c.workers, "--workers")
+    check_count(c.runs_per_gpu, "--runs-per-gpu")
+    parse_gpus(c.gpus)
     if not isinstance(c.base, dict):
         raise ConfigError(f"base must be a mapping of TrainConfig fields, not {type(c.base).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -287,14 +300,16 @@ class _Progress:
 def tune(c: TuneConfig) -> dict:
     """Run the study until it holds ``c.trials`` finished trials; returns the best, writes trials.csv."""
     from dsimagenet.formats.atomic import atomic_write
+    from dsimagenet.placement import pool, resolve
 
+    placement = resolve(c.gpus, c.runs_per_gpu, c.workers, c.base.get("device", "auto"), "--workers")
     study = _study(c)  # create it once before workers race to
     progress = _Progress(c, study)
-    if c.workers == 1:
+    if placement.workers == 1 and not placement.pinned:
         _work(c, progress.refresh)
-    else:
-        with cf.ProcessPoolExecutor(c.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            progress.wait([pool.submit(_work, c) for _ in range(c.workers)])
+    else:  # each worker its own process, pinned to its GPU
+        with pool(placement) as workers:
+            progress.wait([workers.submit(_work, c) for _ in range(placement.workers)])
     progress.close()
     trials = study.get_trials(deepcopy=False)
     with atomic_write(Path(c.out) / "trials.csv", "w") as f:
