@@ -317,3 +317,19 @@ def test_validation_is_val_and_torchvision_train_flag(tiny):
         ImageNetDS(folder, False)
     with pytest.raises(ConfigError, match="split must be one of train, val, validation, x-valid"):
         open_dataset(folder, "test")
+
+
+def test_a_raw_release_is_named_and_pointed_to_build(tmp_path):
+    """The release's tars are not WebDataset shards, nor its folder a dataset: one line saying what it is."""
+    import subprocess
+    import sys
+
+    from release import make_release
+
+    rel = make_release(tmp_path / "rel")
+    for path in (rel.root, rel.train_tar):
+        with pytest.raises(FormatError, match=r"raw ILSVRC-2012 release.*not a downsampled dataset: `dsimagenet "
+                                              r"build --train"):
+            open_dataset(path)
+    r = subprocess.run([sys.executable, "-m", "dsimagenet", "info", str(rel.root)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "raw ILSVRC-2012 release" in r.stderr, r.stderr

@@ -212,7 +212,7 @@ def test_a_run_evaluates_on_x_valid_or_search_valid(imagenet16, tmp_path):
     assert _digest(_number(train_ds.data).tolist()) == NB201["search-train"][2]  # trains on the other half
     assert _digest(_number(val_ds.data).tolist()) == NB201["search-valid"][2]
     with pytest.raises(ConfigError, match=r"--val-split x-test is NAS-Bench-201's split of ImageNet16-120: it needs "
-                                          r"--classes 120, not None"):
+                                          r"--classes 120, which was not given"):
         TrainConfig(out=str(tmp_path / "c"), val_split="x-test", data=str(imagenet16))
     with pytest.raises(ConfigError, match=r"not 150 \(NAS-Bench-201 publishes no split files for it\)"):
         TrainConfig(out=str(tmp_path / "c"), val_split="search-valid", classes=150, data=str(imagenet16))

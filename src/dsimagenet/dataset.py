@@ -103,6 +103,9 @@ def detect_format(path: str | Path) -> str:
                                 f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
+    if (raw := _raw_release(path)) is not None:
+        raise FormatError(f"{path}: {raw}, not a downsampled dataset: `dsimagenet build --train ... --val ... "
+                          "--out OUT` makes one from it")
     if path.is_file() and path.suffix == ".parquet":
         return "parquet"
     if (pixelrnn := provenance.pixelrnn(path, look_inside=False)) is not None:
@@ -119,6 +122,23 @@ def detect_format(path: str | Path) -> str:
         raise FileNotFoundError(f"{path}: no dataset here: expected meta.json (native format), or official "
                                 "batch files train_data_batch_1..10 / val_data (pickle or .npz), or their zips")
     return "npz" if "npz" in kinds else "pickle"
+
+
+_RAW_NAMES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_img_train_t3.tar",
+              "ILSVRC2012_devkit_t12.tar.gz", "LOC_synset_mapping.txt", "LOC_val_solution.csv")
+
+
+def _raw_release(path: Path) -> str | None:
+    """What raw ImageNet ``path`` is, when it is one (the release's tars, or the Kaggle layout), else None: its
+    tars would otherwise look like WebDataset shards and its images like a class-folder tree."""
+    if path.name in _RAW_NAMES:
+        return "a file of the raw ILSVRC-2012 release"
+    if path.is_dir():
+        if any((path / n).is_file() for n in _RAW_NAMES):
+            return "the raw ILSVRC-2012 release (its original tars or the Kaggle layout)"
+        if (path / "ILSVRC" / "Data" / "CLS-LOC").is_dir():
+            return "the raw ILSVRC-2012 release in the Kaggle layout"
+    return None
 
 
 def check_format(format: str | None) -> None:

@@ -230,9 +230,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"--val-fraction holds out a part of train to evaluate on, and --val-split {c.val_split} "
                           "names another split: give one of them")
     if c.val_split not in ("val", "validation") and c.classes != 120:  # dsimagenet.splits.NASBENCH201_CLASSES
-        none = " (NAS-Bench-201 publishes no split files for it)" if c.classes else ""
+        given = f"not {c.classes} (NAS-Bench-201 publishes no split files for it)" if c.classes else \
+            "which was not given"
         raise ConfigError(f"--val-split {c.val_split} is NAS-Bench-201's split of ImageNet16-120: it needs --classes "
-                          f"120, not {c.classes}{none}")
+                          f"120, {given}")
     if c.cuda_graph and c.compile and c.compile_mode != "default":  # its CUDA graphs cannot nest in the step's
         raise ConfigError(f"--cuda-graph captures the whole step itself: use it with --compile-mode default, not "
                           f"{c.compile_mode}")

@@ -204,7 +204,9 @@ def decode(data: bytes, size: int | None, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data), formats=ENCODINGS) as im:
             if im.size[0] != im.size[1] or (size is not None and im.size != (size, size)):
                 want = f"{size}x{size}" if size else "square"
-                raise FormatError(f"{where}: a {im.size[0]}x{im.size[1]} image, expected {want}")
+                raw = "" if im.size[0] == im.size[1] else \
+                    " (full-size photos: a raw copy of ImageNet is built with `dsimagenet build --train ...`)"
+                raise FormatError(f"{where}: a {im.size[0]}x{im.size[1]} image, expected {want}{raw}")
             if im.mode not in ("RGB", "L", "P"):
                 raise FormatError(f"{where}: a {im.mode} image, expected RGB (or grayscale)")
             im = im.convert("RGB") if im.mode != "RGB" else im
