@@ -335,3 +335,43 @@ def test_split_folders_of_shards_are_found_and_two_kinds_in_one_folder_are_refus
     write_wds(tmp_path / "conv", "train", items["train"], shards=1)
     with pytest.raises(SourceError, match="holds both parquet and WebDataset shards"):
         list_train(tmp_path / "conv")
+
+
+def _one_shard(tmp_path, table):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    pq.write_table(table, tmp_path / "data" / "train-00000-of-00001.parquet", row_group_size=3)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["duplicate-wnid", "wnids-and-garbage", "own-names", "not-strings"])
+def test_class_names_that_do_not_identify_the_classes_are_refused_not_read_as_sorted(hub, tmp_path, kind):
+    # without file names to contradict them, any of these would build every image under another class
+    _, items, _, _ = hub
+    names = {"duplicate-wnid": [IMAGENET.sorted_wnids[0]] + list(IMAGENET.sorted_wnids[:-1]),
+             "wnids-and-garbage": list(IMAGENET.wnids[:-1]) + ["garbage"],
+             "own-names": [f"class {i}" for i in range(1000)],
+             "not-strings": list(range(1000))}[kind]
+    root = _one_shard(tmp_path, parquet_table(items["train"], with_path=False, label_names=names))
+    with pytest.raises(SourceError, match="train-00000-of-00001.parquet: its ClassLabel"):
+        list_train(root)
+
+
+def test_human_class_names_in_devkit_order_label_by_devkit_order(hub, tmp_path):
+    _, items, _, _ = hub
+    names = [IMAGENET.name(w) for w in IMAGENET.wnids]
+    table = parquet_table(items["train"], with_path=False, label_names=names)
+    table = table.set_column(1, "label", pa.array([IMAGENET.devkit_id(w) - 1 for _, w, _ in items["train"]],
+                                                  pa.int64()))
+    listing = list_train(_one_shard(tmp_path, table))
+    assert sorted(r.label for r in listing.records) == sorted(IMAGENET.devkit_id(w) for _, w, _ in items["train"])
+
+
+@pytest.mark.parametrize("path_type", [pa.int64(), pa.binary()])
+def test_an_image_path_that_is_not_a_string_is_a_clear_error(hub, tmp_path, path_type):
+    _, items, _, _ = hub
+    table = parquet_table(items["train"])
+    image = table.column("image").combine_chunks()
+    paths = pa.array([i if path_type == pa.int64() else b"x.JPEG" for i in range(len(image))], path_type)
+    table = table.set_column(0, "image", pa.StructArray.from_arrays([image.field("bytes"), paths], ["bytes", "path"]))
+    with pytest.raises(SourceError, match=f"'path' of type {path_type}"):
+        list_train(_one_shard(tmp_path, table))

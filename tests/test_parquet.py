@@ -337,3 +337,25 @@ def test_mutated_parquet_is_the_same_data_or_a_clear_error(tmp_path):
 def test_1000_mutated_parquet_files(tmp_path):
     outcomes = _mutations(tmp_path, 1000, seed=2027)
     assert outcomes["clear"] > 500
+
+
+def test_a_declared_or_encoded_size_beyond_any_downsampled_one_is_refused_before_memory_is_asked(tmp_path, data):
+    # a schema's shape, or a 6000 px PNG of a few KB, would otherwise size arrays of gigabytes
+    x, y = data["val"]
+    huge = tmp_path / "huge" / "validation-00000-of-00001.parquet"
+    write_array3d(huge, x, y)
+    t = pq.read_table(huge)
+    meta = dict(t.schema.metadata)
+    hf = json.loads(meta[b"huggingface"])
+    hf["info"]["features"]["image"]["shape"] = [100000, 100000, 3]
+    meta[b"huggingface"] = json.dumps(hf).encode()
+    pq.write_table(t.replace_schema_metadata(meta), huge)
+    with pytest.raises(FormatError, match=r"validation-00000-of-00001.parquet: image shape \[100000, 100000, 3\]: "
+                                          "larger than 4096"):
+        open_dataset(huge.parent, "val", labels_in="devkit")
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, format="PNG")
+    bomb = tmp_path / "bomb" / "validation-00000-of-00001.parquet"
+    write_images(bomb, [buf.getvalue(), encode(x[0])], [0, 1], list(IMAGENET.wnids))
+    with pytest.raises(FormatError, match="row 0: a 6000x6000 image, larger than 4096 px"):
+        open_dataset(bomb.parent, "val")

@@ -233,3 +233,52 @@ def test_mutated_tars_are_the_same_samples_or_a_clear_error(tmp_path):
 @pytest.mark.reliability
 def test_1000_mutated_tars(tmp_path):
     assert _mutations(tmp_path, 1000, seed=2027)["clear"] > 500
+
+
+def _png(value=0):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((S, S, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "device"])
+def test_links_and_devices_in_a_shard_are_errors_not_skipped(tmp_path, kind):
+    # skipped, a hardlinked b.cls left b's label to its .json (5), and a linked image made a baffling message
+    f = tmp_path / "train-00000.tar"
+    with tarfile.open(f, "w") as t:
+        for name, data in [("a.png", _png()), ("a.cls", b"1"), ("b.png", _png()), ("b.json", b'{"label": 5}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("b.cls")
+        info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "device": tarfile.CHRTYPE}[kind]
+        info.linkname = "a.cls" if kind != "device" else ""
+        t.addfile(info)
+    with pytest.raises(FormatError, match=f"{f}: member 'b.cls' is " + ("not a regular" if kind == "device" else
+                                                                         "a link to 'a.cls'")):
+        open_dataset(tmp_path, labels_in="devkit")
+
+
+@pytest.mark.parametrize("cls", [b"9" * 30])
+def test_a_cls_beyond_any_class_number_is_an_error(tmp_path, cls):
+    _tar(tmp_path / "train-00000.tar", [("a.png", _png()), ("a.cls", cls)])
+    with pytest.raises(FormatError, match=r"sample 'a': .cls is not an integer class number"):
+        open_dataset(tmp_path, labels_in="devkit")
+
+
+def test_a_key_that_comes_back_later_counts_as_it_reads(tmp_path):
+    # webdataset groups consecutive members: a, b, a are three samples; counted as two keys, convert failed
+    (tmp_path / "src").mkdir()
+    _tar(tmp_path / "src" / "train-00000.tar", [("a.png", _png(1)), ("a.cls", b"1"), ("b.png", _png(2)),
+                                                ("b.cls", b"2"), ("a.png", _png(3)), ("a.cls", b"3")])
+    assert convert(tmp_path / "src", tmp_path / "out", ["native"], labels_in="devkit", quiet=True)["train"] == 3
+    ds = open_dataset(tmp_path / "out", "train")
+    assert ds.data[:, 0, 0, 0].tolist() == [1, 2, 3] and ds.targets.tolist() == [1, 2, 3]
+
+
+def test_an_image_size_in_info_json_beyond_any_downsampled_one_is_refused(tmp_path):
+    _tar(tmp_path / "train-00000.tar", [("a.png", _png()), ("a.cls", b"0")])
+    (tmp_path / "_info.json").write_text(json.dumps({"dsimagenet": {"image_size": 10 ** 6, "wnids": ["n01440764"],
+                                                                    "names": ["tench"]}}))
+    with pytest.raises(FormatError, match=r"image size 1000000: expected 1..4096"):
+        open_dataset(tmp_path)

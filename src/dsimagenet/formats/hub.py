@@ -135,4 +135,7 @@ def open_hub(path: str | Path, fmt: str, labels_in: str | None = None, need_labe
                          for imgs, _ in webdataset.iter_rows(p, None, limit=1)), None)
     if size is None:
         raise FormatError(f"{path}: no images in its {fmt} shards")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= parquet.MAX_SIZE):
+        # _info.json's image_size is only a few bytes: it must not size a reader's arrays unchecked
+        raise FormatError(f"{path}: image size {size!r}: expected 1..{parquet.MAX_SIZE} px")
     return HubSource(path, fmt, shards, labels, size, meta, counts, lengths if fmt == webdataset.FORMAT else {})

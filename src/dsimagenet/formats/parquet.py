@@ -39,6 +39,9 @@ GROUP_BYTES = 8 << 20  # a row group: what a streaming reader holds at once
 SHARD_BYTES = 512 << 20  # a shard file: the Hub's advice is a few hundred MB
 HUB_SPLIT = {"train": "train", "val": "validation"}
 ENCODINGS = ("PNG", "JPEG", "WEBP")  # what Pillow may parse an encoded image as: no other decoder is reached
+# the largest S read, as the native reader's (a few KB of PNG or a schema's shape may declare any size: memory for
+# a 100000 px image, or a per-pixel mean of one, is never asked for)
+MAX_SIZE = 4096
 
 
 def find_shards(root: str | Path) -> dict[str, list[Path]]:
@@ -162,6 +165,8 @@ def inspect(path: str | Path) -> Shard:
         if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == shape[1] and shape[2] == 3 and
                 all(isinstance(s, int) and s > 0 for s in shape)):
             raise FormatError(f"{path}: image shape {shape}: expected [S, S, 3]")
+        if shape[0] > MAX_SIZE:
+            raise FormatError(f"{path}: image shape {shape}: larger than {MAX_SIZE} px, not a downsampled dataset")
         size = shape[0]
     names = (features.get(label) or {}).get("names") if typed.get(label) == "ClassLabel" else None
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
@@ -202,6 +207,10 @@ def decode(data: bytes, size: int | None, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data), formats=ENCODINGS) as im:
+            if size is None and max(im.size) > MAX_SIZE:  # the header says it: checked before any pixel is decoded
+                raise FormatError(f"{where}: a {im.size[0]}x{im.size[1]} image, larger than {MAX_SIZE} px: not a "
+                                  "downsampled dataset (full-size photos: a raw copy of ImageNet is built with "
+                                  "`dsimagenet build --train ...`)")
             if im.size[0] != im.size[1] or (size is not None and im.size != (size, size)):
                 want = f"{size}x{size}" if size else "square"
                 raw = "" if im.size[0] == im.size[1] else \

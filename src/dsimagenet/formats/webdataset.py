@@ -38,6 +38,7 @@ INFO = "_info.json"
 SHARD_BYTES = 256 << 20
 IMAGE_EXTS = ("png", "npy", "jpg", "jpeg", "webp")
 _BATCH = 4096  # samples a reader yields at once
+_MAX_LABEL = 1 << 31  # far above any class count; larger numbers in a .cls/.json are damage, not labels
 
 
 def find_shards(root: str | Path) -> dict[str, list[Path]]:
@@ -116,17 +117,29 @@ def _check_end(f, offset: int, path: Path) -> None:
 
 def count(path: Path) -> int:
     """Samples in a shard, from its member headers (the data is skipped, not read)."""
-    keys = set()
+    n, key = 0, None
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as t:
             for m in t:
-                key, ext = _split_key(m.name)
-                if m.isfile() and ext in IMAGE_EXTS:
-                    keys.add(key)
+                if not _sample_member(m, path):
+                    continue
+                k, _ = _split_key(m.name)
+                n, key = n + (k != key), k  # a sample is a run of members with one key, as samples() reads them
             _check_end(f, t.offset, path)
     except (tarfile.TarError, EOFError) as e:
         raise FormatError(f"{path}: a damaged or truncated tar ({e})") from None
-    return len(keys)
+    return n
+
+
+def _sample_member(m: tarfile.TarInfo, path: Path) -> bool:
+    """Whether ``m`` is part of a sample (a regular file); a folder entry is not; a link, device or fifo is an
+    error, never skipped: a skipped ``.cls`` link would leave the sample's label to its ``.json``."""
+    if m.isdir():
+        return False
+    if not m.isfile():
+        kind = f"a link to {m.linkname!r}" if m.issym() or m.islnk() else "not a regular file"
+        raise FormatError(f"{path}: member {m.name!r} is {kind}: the samples of a shard are regular files")
+    return True
 
 
 def _image(ext: str, data: bytes, size: int | None, where: str) -> np.ndarray:
@@ -159,7 +172,7 @@ def samples(path: Path) -> Iterator[tuple[str, str, bytes, bytes | None, bytes |
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as t:
             for m in t:
-                if not m.isfile():
+                if not _sample_member(m, path):
                     continue
                 k, ext = _split_key(m.name)
                 if k != key and current:
@@ -190,10 +203,12 @@ def _label(cls: bytes | None, js: bytes | None, where: str) -> int:
         except (ValueError, AttributeError, RecursionError):
             value = None
         value = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if value is not None and not -1 <= value < _MAX_LABEL:
+        raise FormatError(f"{where}: .json's label {value} is not a class number")
     if cls is not None:
         text = cls.strip()
-        if not text.lstrip(b"-").isdigit():
-            raise FormatError(f"{where}: .cls is not an integer ({cls[:20]!r})")
+        if not text.lstrip(b"-").isdigit() or not -1 <= int(text) < _MAX_LABEL:  # int64 holds what is left
+            raise FormatError(f"{where}: .cls is not an integer class number ({cls[:20]!r})")
         if value is not None and int(text) != value:
             raise FormatError(f"{where}: .cls says {int(text)}, .json says {value}")
         return int(text)

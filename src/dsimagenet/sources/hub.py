@@ -158,16 +158,31 @@ def _key(name: str | None, label: int, split: str, where: str, listing: Listing,
 
 
 def _devkit_of_sorted(names: list | None, where: str) -> np.ndarray:
-    """Devkit ID of each stored label: the ClassLabel names when they are WNIDs, else sorted-WNID order
-    (ILSVRC/imagenet-1k's names are human-readable: hub.md)."""
+    """Devkit ID of each stored label: the ClassLabel names when they are WNIDs (each once), else ImageNet's
+    class names in the order they are in (ILSVRC/imagenet-1k's are human-readable, in sorted-WNID order:
+    hub.md); no names: sorted-WNID order. Names that say neither are refused, never read as sorted order: a
+    copy relabelled in another order would build with every image under another class."""
+    from dsimagenet.formats.hublabels import order_of_names
+
     if names is None:
         return IMAGENET.sorted_to_devkit
     if len(names) != len(IMAGENET):
         raise SourceError(f"{where}: its ClassLabel has {len(names)} names; ImageNet-1k has {len(IMAGENET)}: "
                           "not ILSVRC-2012")
-    if all(isinstance(n, str) and n in IMAGENET for n in names):
+    if not all(isinstance(n, str) for n in names):
+        raise SourceError(f"{where}: its ClassLabel names are not all strings")
+    if all(n in IMAGENET for n in names):
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise SourceError(f"{where}: its ClassLabel names class {twice} twice: two labels would be one class")
         return np.array([IMAGENET.devkit_id(n) for n in names], np.int64)
-    return IMAGENET.sorted_to_devkit
+    order = order_of_names(names)
+    if order == "sorted":
+        return IMAGENET.sorted_to_devkit
+    if order == "devkit":
+        return np.arange(1, len(IMAGENET) + 1, dtype=np.int64)
+    raise SourceError(f"{where}: its ClassLabel names are neither ImageNet's WNIDs nor its class names in "
+                      "sorted-WNID or devkit order: which class each label is cannot be known")
 
 
 # --- parquet -----------------------------------------------------------------------------------------------
@@ -195,9 +210,13 @@ def _image_column(pf, path: Path) -> tuple[str, bool]:
         raise SourceError(f"{path}: column 'label' is {label}, expected integers (a ClassLabel)")
     if pa.types.is_struct(image):
         children = {image.field(i).name: image.field(i).type for i in range(image.num_fields)}
-        kind = children.get("bytes")
+        kind, name = children.get("bytes"), children.get("path")
+        if name is not None and not (pa.types.is_string(name) or pa.types.is_large_string(name)):
+            # the original file name keys and checks each image: any other type is not the Image feature's
+            raise SourceError(f"{path}: column 'image' has a 'path' of type {name}, expected the Image feature's "
+                              "string (the original file name)")
         if kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-            return "image.bytes", "path" in children
+            return "image.bytes", name is not None
     elif pa.types.is_binary(image) or pa.types.is_large_binary(image):
         return "image", False
     raise SourceError(f"{path}: column 'image' is {image}, expected the Image feature's struct<bytes: binary, "
