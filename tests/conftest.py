@@ -47,6 +47,22 @@ def write_official(folder, images, labels, val_images, val_labels, kind="pickle"
     return mean
 
 
+def mutate(data: bytes, rng) -> bytes:
+    """A damaged copy of a file, as fuzzers of the readers make them: a few bytes flipped, the file cut short, or
+    8 bytes overwritten with a large number (a length or an offset gone wrong)."""
+    m = bytearray(data)
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        for _ in range(rng.integers(1, 20)):
+            m[rng.integers(0, len(m))] = rng.integers(0, 256)
+    elif kind == 1:
+        m = m[: rng.integers(0, len(m))]
+    else:
+        at = rng.integers(0, len(m) - 8)
+        m[at:at + 8] = int(rng.integers(0, 2 ** 63)).to_bytes(8, "little")
+    return bytes(m)
+
+
 def zip_folder(folder, zip_path, top, names=None):
     with zipfile.ZipFile(zip_path, "w") as z:
         for f in sorted(Path(folder).iterdir()):

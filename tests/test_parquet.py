@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import mutate
 from PIL import Image
 
 from dsimagenet import convert, describe, open_dataset
@@ -304,19 +305,9 @@ def _mutations(tmp_path, tries, seed):
     data = (tmp_path / name).read_bytes()
     outcomes = {"same": 0, "clear": 0}
     for i in range(tries):
-        m = bytearray(data)
-        kind = rng.integers(0, 3)
-        if kind == 0:
-            for _ in range(rng.integers(1, 20)):
-                m[rng.integers(0, len(m))] = rng.integers(0, 256)
-        elif kind == 1:
-            m = m[: rng.integers(0, len(m))]
-        else:
-            at = rng.integers(0, len(m) - 8)
-            m[at:at + 8] = int(rng.integers(0, 2 ** 63)).to_bytes(8, "little")
         root = tmp_path / f"m{i}"
         root.mkdir()
-        (root / name).write_bytes(bytes(m))
+        (root / name).write_bytes(mutate(data, rng))
         try:
             ds = open_dataset(root)
         except DSImageNetError:

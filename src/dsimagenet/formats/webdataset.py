@@ -27,7 +27,7 @@ import numpy as np
 
 from dsimagenet.checksum import HashingWriter
 from dsimagenet.errors import FormatError
-from dsimagenet.formats import hublabels
+from dsimagenet.formats import hublabels, parquet
 from dsimagenet.formats.atomic import atomic_write, commit, temp_path
 from dsimagenet.formats.parquet import HUB_SPLIT, decode
 from dsimagenet.labels import ClassTable
@@ -317,20 +317,10 @@ def write_shard(path: Path, read: Callable[[int, int], np.ndarray], labels0: np.
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One tar shard, to write in any process: ``run()`` -> {name: sha256}."""
+class ShardJob(parquet.ShardJob):
+    """One tar shard, to write in any process: ``run()`` -> {name: sha256}; its samples are keyed by split."""
 
-    path: Path
-    read: Callable[[int, int], np.ndarray]
-    start: int
-    labels0: np.ndarray
-    split: str
-    table: ClassTable
-    size: int
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.labels0) * 3 * self.size ** 2
+    split: str = "train"
 
     def run(self) -> dict[str, str]:
         return {self.path.name: write_shard(self.path, lambda a, b: self.read(self.start + a, self.start + b),
@@ -367,8 +357,8 @@ class SplitWriter:
 
     def jobs(self, read: Callable[[int, int], np.ndarray], labels: np.ndarray) -> list[ShardJob]:
         labels0 = np.asarray(labels, np.int64) - 1
-        return [ShardJob(self.root / shard_name(self.split, i), read, a, labels0[a:b], self.split, self.table,
-                         self.size) for i, (a, b) in enumerate(self.bounds)]
+        return [ShardJob(self.root / shard_name(self.split, i), read, a, labels0[a:b], self.size, self.table,
+                         self.split) for i, (a, b) in enumerate(self.bounds)]
 
     def add(self, checksums: dict[str, str]) -> None:
         self.checksums.update(checksums)
