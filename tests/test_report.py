@@ -350,3 +350,16 @@ def test_rank_correlations_say_what_they_need(runs_dir, tmp_path):
     errs = {r.config["config"]["lr"]: r.result["top1_error"] for r in load_runs([sw])}
     by_hand = " &lt; ".join(f"{lr:g}" for lr in sorted(errs, key=lambda lr: (errs[lr], lr)))
     assert f"<td>8 px, k=1</td><td>{by_hand}</td>" in page
+
+
+def test_data_gone_since_the_runs_leaves_its_figures_out_and_says_so(runs_dir, tmp_path):
+    sw = tmp_path / "sw"
+    shutil.copytree(runs_dir / "lr=0.1_width=1.0", sw / "a")
+    config = json.loads((sw / "a" / "config.json").read_text())
+    config["config"]["data"] = str(tmp_path / "moved")
+    (sw / "a" / "config.json").write_text(json.dumps(config))
+    written = report([sw], tmp_path / "r")
+    assert "fig1" not in written and "fig7" not in written and "fig6" in written
+    page = written["index.html"].read_text()
+    assert "image counts unknown (not native data, or no longer at this path)" in page
+    assert "Fig. 1 (needs the runs&#x27; data at its path)" in page

@@ -73,6 +73,10 @@ a { color: #1f4fa8; }
 }
 """
 
+NEEDS = {"fig1": "needs the runs' data at its path", "fig2": "needs runs of two downsampling methods",
+         "fig3": "needs runs at two learning rates", "fig4": "needs two widths and two learning rates at one size",
+         "fig5": "needs a run's metrics.jsonl", "fig6": "needs the best run's per_class.csv",
+         "fig7": "needs the best run's per_class.csv, checkpoint and data"}
 WIDE = {"fig1"}  # a row of images per dataset: the full width
 
 
@@ -91,10 +95,9 @@ def write_index(out: Path, header: list[tuple[str, str]], ours: tuple[list, list
             figs += (f'<figure class="{"wide" if key in WIDE else ""}"><img src="data:image/png;base64,{data}" '
                      f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)} '
                      f'<a class="files" href="{Path(written[key]).name}">PNG</a></figcaption></figure>')
-    missing = [c.split(":")[0] for k, c in caps.items() if k not in written]
-    figs_note = (f'<p class="note">Not drawn, as the runs do not allow them: {", ".join(missing)} (Fig. 2 needs '
-                 "two methods; Fig. 3 two learning rates; Figs. 6 and 7 a run's per_class.csv, "
-                 "checkpoint and data; Fig. 4 two widths and two learning rates).</p>" if missing else "")
+    missing = [f"{caps[k].split(':')[0]} ({NEEDS[k]})" for k in caps if k not in written]
+    figs_note = (f'<p class="note">Not drawn, as the runs do not allow them: {html.escape("; ".join(missing))}.</p>'
+                 if missing else "")
     if corr:
         corr_html = table(["between", "a", "b", "learning rates", "Spearman", "ranking a (best first)",
                            "ranking b (best first)"],
@@ -130,7 +133,7 @@ Errors in percent on the validation split.</p>
 <h2>Table 1: our runs</h2>
 <p class="note">One line per size, model, classes and method: the setting (learning rate, epochs) with the lowest
 mean top-1 error; "seeds" counts runs identical but for the seed, shown as mean ± standard deviation when more than one;
-"ep31" is after epoch 31, the paper's reporting point; "-" is a cell no run fills.</p>
+"ep31", where shown, is after epoch 31, the paper's reporting point; "-" is a cell no run fills.</p>
 {table(*ours, cls="ours")}
 {left_out}
 <h2>The paper's Table 1: full ImageNet, 1000 classes</h2>
