@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,8 @@ def fig1_methods(runs, out: Path, n: int = 10) -> Path | None:
                 spine.set_visible(False)
             if j < len(imgs):
                 ax.imshow(imgs[j], interpolation="nearest")
-                if i == 0:
-                    ax.set_title(names[j], fontsize=6, wrap=True)
+                if i == 0:  # two short lines rather than one that runs into its neighbours
+                    ax.set_title(textwrap.fill(names[j], 16, max_lines=2, placeholder="..."), fontsize=6)
         axes[i][0].set_ylabel(f"{key[0]} px\n{key[1]}", fontsize=8, rotation=0, ha="right", va="center")
     return _save(fig, out / "fig1_methods.png")
 
