@@ -150,9 +150,9 @@ def check_format(format: str | None) -> None:
 def _native_table(meta: dict) -> ClassTable:
     """The class table of a meta.json checked by ``native.read_meta`` (unique WNIDs, names of the same length)."""
     wnids = tuple(meta["wnids"])
-    if wnids == IMAGENET.wnids:
+    if wnids == IMAGENET.wnids and (not meta["names"] or tuple(meta["names"]) == IMAGENET.names):
         return IMAGENET
-    return ClassTable(wnids, tuple(meta["names"] or wnids))
+    return ClassTable(wnids, tuple(meta["names"] or wnids))  # also ImageNet's WNIDs named otherwise (the demo's)
 
 
 def _manifest_table(path: Path) -> ClassTable:
@@ -189,7 +189,8 @@ def _manifest_table(path: Path) -> ClassTable:
         names = strings("names", m["names"]) if m.get("names") is not None else wnids
         if len(names) != len(wnids) or len(set(wnids)) != len(wnids):
             raise bad(f"'wnids' ({len(wnids)}) must be distinct, and as many as 'names' ({len(names)})")
-        return IMAGENET if wnids == IMAGENET.wnids else ClassTable(wnids, names)
+        imagenet = wnids == IMAGENET.wnids and (m.get("names") is None or names == IMAGENET.names)
+        return IMAGENET if imagenet else ClassTable(wnids, names)  # ImageNet's WNIDs may be named otherwise
     order, per_class = m.get("label_order"), m.get("per_class")
     if order == "devkit":  # the build labels a tree of ILSVRC-2012 WNIDs with devkit IDs
         return IMAGENET

@@ -3,9 +3,10 @@ self-contained HTML page with all of them.
 
     dsimagenet report sweeps/ runs/ --out report/      # then open report/index.html
 
-Writes table1.md / table1.csv / table1.tex (our errors after epoch 31 beside the paper's Table 1),
-lr_rank_correlations.csv (Spearman correlation of learning-rate rankings between resolutions and between widths),
-fig1..fig7 PNGs as the runs allow, and index.html with everything embedded.
+Writes table1.md / table1.csv / table1.tex (our runs, the paper's numbers beside them only where the runs compare
+with it; table1.md and the page say what produced them), paper_table1.csv (the paper's Table 1, full ImageNet),
+lr_rank_correlations.csv (Spearman correlation of learning-rate rankings between resolutions and between widths,
+with the rankings compared), fig1..fig7 PNGs as the runs allow, and index.html with everything embedded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 
 from dsimagenet.errors import DSImageNetError
-from dsimagenet.report import figures, page, tables
+from dsimagenet.report import figures, header, page, tables
 from dsimagenet.runs import RESULT, RunError, find_runs, load_run
 
 NEEDED = ("top1_error", "top5_error", "params", "train_seconds")  # of result.json
@@ -82,13 +83,26 @@ def report(paths, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = tables.rows_of(runs)
     written: dict[str, Path] = {}
+    facts = header.facts(runs, excluded)
     notes = [f"Not in the table: {Path(p).name} {state}: {why}" for p, state, why in excluded]
-    head, body = tables.table_cells(tables.table1(rows))
-    (out / "table1.md").write_text(tables.markdown(head, body) + "".join(f"\n{n}\n" for n in notes))
-    (out / "table1.tex").write_text(tables.latex(head, body) + "".join(f"% {n}\n" for n in notes))
+    lines = tables.table1(rows)
+    head, body = tables.table_cells(lines)
+    paper = tables.table_cells(tables.paper_lines(), tables.PAPER_COLUMNS)
+    comparable = any(line.get("paper_top1") is not None for line in lines)
+    not_comparable = [line["not_comparable"] for line in lines if line["not_comparable"]]
+    paper_note = ("The paper's Table 1 (full ImageNet, 1000 classes, errors after epoch 31 of 40)"
+                  + ("" if comparable else f", apart from ours: our runs do not compare with it "
+                                           f"({'; '.join(dict.fromkeys(not_comparable))})"))
+    (out / "table1.md").write_text(
+        "".join(f"- {k}: {v}\n" for k, v in facts) + "\n" + tables.markdown(head, body)
+        + "".join(f"\n{n}\n" for n in notes) + f"\n{paper_note}:\n\n" + tables.markdown(*paper))
+    (out / "table1.tex").write_text("".join(f"% {k}: {v}\n" for k, v in facts) + tables.latex(head, body)
+                                    + "".join(f"% {n}\n" for n in notes))
     with open(out / "table1.csv", "w", newline="") as f:
         csv.writer(f).writerows([head, *body])
-    written.update({k: out / k for k in ("table1.md", "table1.tex", "table1.csv")})
+    with open(out / "paper_table1.csv", "w", newline="") as f:
+        csv.writer(f).writerows([paper[0], *paper[1]])
+    written.update({k: out / k for k in ("table1.md", "table1.tex", "table1.csv", "paper_table1.csv")})
     if excluded:
         with open(out / "excluded.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -99,21 +113,26 @@ def report(paths, out: str | Path) -> dict:
         (out / "excluded.csv").unlink(missing_ok=True)  # from an earlier report into this folder
     corr = tables.lr_rank_correlations(rows)
     with open(out / "lr_rank_correlations.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["between", "a", "b", "learning_rates", "spearman"])
+        w = csv.DictWriter(f, fieldnames=["between", "a", "b", "learning_rates", "spearman", "ranking_a",
+                                          "ranking_b"])
         w.writeheader()
         w.writerows(corr)
     written["lr_rank_correlations.csv"] = out / "lr_rank_correlations.csv"
+    rankings = [(tables.label(k), tables.ranking(v)) for k, v in sorted(tables.lr_rankings(rows).items())
+                if len(v) > 1]
     best = min(runs, key=lambda r: r.result["top1_error"])
     for name, make in (("fig1", lambda: figures.fig1_methods(runs, out)),
                        ("fig2", lambda: figures.fig2_methods_lr(rows, out)),
                        ("fig3", lambda: figures.fig3_lr(rows, out)),
                        ("fig4", lambda: figures.fig4_heatmaps(rows, out)),
-                       ("fig5", lambda: figures.fig5_time(runs, out)),
+                       ("fig5", lambda: figures.fig5_time(runs, rows, out)),
                        ("fig6", lambda: figures.fig6_per_class(best, out)),
                        ("fig7", lambda: figures.fig7_ranked_classes(best, out))):
         path = make()
         if path is not None:
             written[name] = path
-    written["index.html"] = page.write_index(out, head, body, corr, written, len(runs), excluded)
+    caps = page.captions(all(r.top5_means_something for r in rows), 5 if best.num_classes > 10 else 1)
+    written["index.html"] = page.write_index(
+        out, facts, (head, body), paper, comparable, not_comparable, corr, tables.correlation_needs(rows),
+        rankings, written, caps, excluded)
     return written
-
