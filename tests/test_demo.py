@@ -33,6 +33,8 @@ def test_short_demo_learns(tmp_path, capsys):
     assert "[4/4]" in out and "checksums ok" in out
     assert "images: 900/900 image (100%)" in captured.err  # 10 x (80 + 10), as plain lines off a tty
     assert out.count("epoch 4/4") == 2  # a line per epoch of each run: the longest step is never silent
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert all("val top-1" in line and "top-5" not in line for line in epochs), epochs  # 10 classes: no top-5
     assert (tmp_path / "d" / "report" / "index.html").exists()
     assert len(list((tmp_path / "d" / "runs").glob("*/result.json"))) == 2
     # the classes are said to be synthetic wherever they are named: the runs' per-class results and the report
