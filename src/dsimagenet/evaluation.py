@@ -100,7 +100,9 @@ def run_classes(run: runs.Run) -> tuple[list[str], list[str]]:
 
 
 def _checkpoint(run: runs.Run, path: Path) -> dict:
-    """The checkpoint's state, checked to be of this run's data."""
+    """The checkpoint's state, checked to be of this run (its data and configuration) and finite."""
+    from dsimagenet.checkpoint import non_finite
+
     state = runs.load_checkpoint(path)
     if not isinstance(state.get("model"), dict):
         raise runs.RunError(f"{path}: holds no model weights")
@@ -108,7 +110,39 @@ def _checkpoint(run: runs.Run, path: Path) -> dict:
     if mine and theirs and mine != theirs:
         raise runs.RunError(f"{path}: a checkpoint of a run on other data (fingerprint {str(theirs)[:12]}, the run "
                             f"{run.path} is {str(mine)[:12]})")
+    _check_same_run(run, state, path)
+    bad = non_finite(state["model"])
+    if bad:  # NaN weights score a NaN loss: result.json cannot hold it, and no number of them means anything
+        raise runs.RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged")
     return state
+
+
+def _check_same_run(run: runs.Run, state: dict, path: Path) -> None:
+    """RunError unless the checkpoint was saved by a run of this run's configuration (up to what does not change
+    its weights so far, as on resume): a --checkpoint of another run of the same shape and data (another seed,
+    lr, recipe) would load and be scored silently, its numbers written as this run's."""
+    import json
+
+    from dsimagenet.checkpoint import _differences, _weights_depend_on
+    from dsimagenet.recipe import OPERATIONAL, stored_defaults
+
+    was, stored = state.get("config"), run.config.get("config")
+    if not (isinstance(was, str) and isinstance(stored, dict)):  # checkpoints before it was stored: by tensors
+        return
+    try:
+        theirs = json.loads(was)
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise runs.RunError(f"{path}: its stored configuration is not a JSON object")
+    # a run made before a field existed ran as its old default, in config.json as in its checkpoints
+    ours = {**{k: v for k, v in stored_defaults().items() if k in theirs}, **stored}
+    ours, theirs = _weights_depend_on(ours), _weights_depend_on(theirs)
+    diff = _differences(theirs, ours, OPERATIONAL)
+    if diff:
+        raise runs.RunError(f"{path}: a checkpoint of another run than {run.path}: " + ", ".join(
+            f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the run" for k in diff[:4])
+            + (" ..." if len(diff) > 4 else ""))
 
 
 def _model(run: runs.Run, state: dict, path: Path):
@@ -116,11 +150,20 @@ def _model(run: runs.Run, state: dict, path: Path):
 
     c = run.train_config
     net = WideResNet(run.depth, c.width, run.num_classes, run.image_size, dropout=c.dropout)
+    ours, theirs = net.state_dict(), state["model"]
+    # named one by one: torch's own message starts with a line that names none of them
+    problems = ([f"{k} is missing" for k in ours if k not in theirs]
+                + [f"{k} is not in this model" for k in theirs if k not in ours]
+                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
+                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
     try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:  # torch's error for missing, unexpected or misshapen tensors
+        if not problems:
+            net.load_state_dict(theirs)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:  # torch's error for tensors it cannot take
+        problems = [(str(e).splitlines() or [repr(e)])[-1].strip()]
+    if problems:
         raise runs.RunError(f"{path}: does not fit the run's WRN-{run.depth}-{c.width:g} with {run.num_classes} "
-                            f"classes ({str(e).splitlines()[0]})") from None
+                            f"classes: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
     return net
 
 
@@ -192,6 +235,9 @@ def evaluate_run(c: EvalConfig) -> dict:
     tc = run.train_config
     wnids, names = run_classes(run)
     ckpt = Path(c.checkpoint) if c.checkpoint else run_path / runs.CHECKPOINT
+    if run.diverged and not ckpt.exists():  # "has not saved one" would send the user waiting for it
+        raise runs.RunError(f"{run_path}: diverged before it saved a checkpoint: there are no weights to score "
+                            f"({(run.result or {}).get('message') or 'see its result.json'})")
     state = _checkpoint(run, ckpt)
     name = c.name or _default_name(c.data, c.split)
     if "/" in name or name in ("", ".", ".."):
