@@ -153,6 +153,9 @@ def _storage(c: TuneConfig):
 def _study(c: TuneConfig):
     import optuna
 
+    # before the study is made or loaded: Optuna logs both at INFO to stderr ("A new study created ..."), in the
+    # main process and in each worker, which --quiet must silence and our progress bar replaces
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(c) if c.storage else None  # one that cannot be opened fails before --out is made
     Path(c.out).mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
