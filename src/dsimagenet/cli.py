@@ -472,10 +472,12 @@ def _add_experiment_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from dsimagenet.errors import DSImageNetError, describe_os_error
+    from dsimagenet.progress import closed_pipes_dropped
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with closed_pipes_dropped():  # `train ... | head -1`: the run goes on, its lines go nowhere
+            return args.func(args)
     except BrokenPipeError:  # `dsimagenet classes | head` closes the pipe early; that is not an error
         sys.stderr.close()
         return 0
