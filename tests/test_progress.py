@@ -112,3 +112,16 @@ def test_a_reader_that_leaves_does_not_stop_a_run_or_a_sweep(tmp_path):
                                         "lr=0.01,0.02", "--jobs", "2"], tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
     assert first and rc == 0 and [r["status"] for r in rows] == ["finished", "finished"]
+
+
+def test_rates_read_as_plain_numbers_never_e_notation(monkeypatch):
+    """A rate of thousands once printed as "2.1e+03 img/s" (``:.3g``)."""
+    import dsimagenet.progress as progress
+
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    lines = Lines(10_000, "evaluate", unit="img")
+    lines.n = 4280
+    assert lines.line().startswith("evaluate: 4280/10000 img (43%), 0:02 elapsed, 2,140 img/s, ETA 0:03")
+    assert [progress._rate(r) for r in (0.5, 12.34, 99.94, 123.4, 2137.0, 1234567.0)] == \
+        ["0.5", "12.3", "99.9", "123", "2,140", "1,230,000"]

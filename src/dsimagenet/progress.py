@@ -25,6 +25,11 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def _rate(rate: float) -> str:
+    """Three significant digits, never in e-notation: 2,140 img/s, not ``2.14e+03``."""
+    return f"{float(f'{rate:.3g}'):,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 class Lines:
     """tqdm's small interface (update, set_postfix_str, set_description, close, a context manager) as plain
     lines on ``file``."""
@@ -67,7 +72,7 @@ class Lines:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{_duration(elapsed)} elapsed")
         if rate > 0:
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            parts.append(f"{_rate(rate)} {self.unit}/s")
             if self.total and self.n < self.total:
                 parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
         if self.postfix:
