@@ -166,3 +166,32 @@ def test_a_run_that_diverged_before_any_checkpoint_says_so(data, tmp_path):
         train(TrainConfig(data=str(data), out=str(tmp_path / "div"), lr=1e6, **TINY))
     with pytest.raises(runs.RunError, match="diverged before it saved a checkpoint"):
         evaluate(tmp_path / "div", data, quiet=True)
+
+
+def test_another_evaluation_under_the_same_name_that_ends_meanwhile_is_not_overwritten(run, data, tmp_path,
+                                                                                        monkeypatch):
+    """Two datasets whose folders have the same name (the default --name) scored at the same time: the one that
+    ends second once overwrote the first's result.json (checked only before scoring), or paired its own
+    result.json with the other's per_class.csv. Made deterministic: the other evaluation runs to its end while
+    this one is scoring."""
+    import dsimagenet.train
+
+    w = list(IMAGENET.wnids[:4])
+    other = _subset(tmp_path / "b" / "data", data, w[:2], w[:2])
+    real = dsimagenet.train.evaluate
+    calls = []
+
+    def meanwhile(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            monkeypatch.setattr(dsimagenet.train, "evaluate", real)
+            evaluate(run, other, name="same", quiet=True)  # ends first
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dsimagenet.train, "evaluate", meanwhile)
+    with pytest.raises(ConfigError, match=r"holds the evaluation on .*b/data \(val\): choose another --name"):
+        evaluate(run, data, name="same", quiet=True)
+    kept = json.loads((run / "eval" / "same" / "result.json").read_text())
+    assert kept["data"] == str(other) and kept["images"] == 12
+    rows = per_class_rows(run / "eval" / "same" / "per_class.csv")
+    assert sum(int(r["count"]) for r in rows.values()) == 12

@@ -20,7 +20,9 @@ the run's classes (an image of class A predicted as a class missing from the dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import time
@@ -203,6 +205,32 @@ def _map_classes(ds, wnids: list[str], c: EvalConfig) -> dict:
             "classes": int(len(present) - len(unknown))}
 
 
+def _check_free(dest: Path, data_path: str, split: str) -> None:
+    """ConfigError if ``dest`` holds the evaluation of other data or another split (one of the same is redone)."""
+    if (dest / runs.RESULT).exists():
+        before = runs.read_json(dest / runs.RESULT)
+        if (before.get("data_resolved"), before.get("split")) != (data_path, split):
+            raise ConfigError(f"{dest}: holds the evaluation on {before.get('data')} ({before.get('split')}): "
+                              "choose another --name")
+
+
+@contextlib.contextmanager
+def _writing(dest: Path, data_path: str, split: str):
+    """``dest`` made and held (an flock on RUN/eval/.lock) while its two files are written, and checked again
+    under it: another evaluation under the same name (other data whose folder has the same name, scored at the
+    same time) may have ended since the first check, and would be overwritten, or its per_class.csv paired with
+    this result.json."""
+    with runs.naming(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for two small writes: wait for the other one
+        _check_free(dest, data_path, split)
+        yield
+    finally:
+        os.close(fd)
+
+
 class _Counted:
     """The Loader as ``train.evaluate`` reads it (``device``, ``epoch``), counting images into a progress bar."""
 
@@ -244,11 +272,7 @@ def evaluate_run(c: EvalConfig) -> dict:
         raise ConfigError(f"--name {name!r}: a folder name under {run_path / EVAL}, without '/'")
     dest = run_path / EVAL / name
     data_path = str(Path(c.data).resolve())
-    if (dest / runs.RESULT).exists():
-        before = runs.read_json(dest / runs.RESULT)
-        if (before.get("data_resolved"), before.get("split")) != (data_path, c.split):
-            raise ConfigError(f"{dest}: holds the evaluation on {before.get('data')} ({before.get('split')}): "
-                              "choose another --name")
+    _check_free(dest, data_path, c.split)  # early, before any work; again when writing (_writing)
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available to torch: use --device cpu or auto")
@@ -281,9 +305,9 @@ def evaluate_run(c: EvalConfig) -> dict:
               "data": c.data, "data_resolved": data_path, "split": c.split, "name": name, "images": len(ds),
               **mapping, "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "loss": ev["val_loss"],
               "device": str(dev), "seconds": round(time.perf_counter() - start, 3)}
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_per_class(dest / runs.PER_CLASS, ev["per_class"], ds)
-    runs.write_json(dest / runs.RESULT, result)
+    with _writing(dest, data_path, c.split):
+        _write_per_class(dest / runs.PER_CLASS, ev["per_class"], ds)
+        runs.write_json(dest / runs.RESULT, result)
     if not c.quiet:
         print(f"{run_path} on {c.data} ({c.split}, {len(ds):,} images): top-1 error {ev['top1_error']:.2f}%, "
               f"top-5 error {ev['top5_error']:.2f}%, loss {ev['val_loss']:.4f}; written to {dest}", flush=True)
