@@ -73,7 +73,10 @@ RECIPES: dict[str, dict] = {
 
 def _by_recipe(name: str) -> str:
     """The help's default of a field that a recipe sets: ``default: the --recipe's (paper 40, nasbench201 200)``."""
-    return "default: the --recipe's (" + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
+    def typed(value):  # a switch as its other defaults show it (cli.shown), not Python's True/False
+        return ("on" if value else "off") if isinstance(value, bool) else value
+
+    return "default: the --recipe's (" + ", ".join(f"{r} {typed(v[name])}" for r, v in RECIPES.items()) + ")"
 
 
 def _epochs_list():
