@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsimagenet.cli import main
 
@@ -338,3 +339,21 @@ def test_grid_given_twice_sweeps_both_never_only_the_last(tmp_path, capsys):
     err = _one_line_error(capsys, ["sweep", "--grid", "lr=0.1", "--grid", "lr=0.2", "--out", str(tmp_path / "o"),
                                    "--data", "d"])
     assert "--grid: lr is given twice" in err
+
+
+def test_quiet_says_what_it_prints_and_prints_only_that(tmp_path, capsys):
+    """train, sweep and tune --quiet print their outcome line(s) on stdout (what scripts read); their help
+    said "print nothing but errors". Now the help says so, and --quiet prints the one result line, nothing on
+    stderr."""
+    from conftest import learnable_native
+
+    for command in ("train", "sweep", "tune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        flat = " ".join(capsys.readouterr().out.split())
+        assert "print nothing but errors" not in flat and "only the outcome" in flat, command
+    data = learnable_native(tmp_path / "data", classes=2, per_class=4, val_per_class=2)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--depth", "6", "--width", "0.25",
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\n") == 1 and out.startswith(f"{tmp_path / 'run'}: top-1 error ")

@@ -182,7 +182,8 @@ class TrainConfig(_Named):
     eval_batch_size: int = option(1000, check=integer(1), help="images per evaluation batch")
     report_epoch: int = recipe(31, check=integer(1),  # a later one than --epochs is left out
                                help="the epoch whose errors result.json also reports (the paper's 31)")
-    quiet: bool = option(False, help="print nothing but errors")
+    quiet: bool = option(False, help="no progress or epoch lines: only the outcome (a run's result, a sweep's "
+                                      "runs) and errors")
 
     def __post_init__(self):
         resolve(self)

@@ -73,7 +73,7 @@ class TuneConfig:
                                    "visible one)")
     runs_per_gpu: int | None = option(None, check=whole(1, optional=True),
                                       help="trials sharing one GPU (default: one, or --workers spread over the GPUs)")
-    quiet: bool = option(False, help="print nothing but errors (no progress line)")
+    quiet: bool = option(False, help="no progress line: only the outcome (the best trial) and errors")
     seed: int = recipe(0, check=whole(0), help="seed of the sampler")
     base: dict = recipe(default_factory=dict, check=(lambda v: isinstance(v, dict), "a mapping of train settings"),
                         help="other TrainConfig fields of every trial (depth, device, batch_size, ...)")
