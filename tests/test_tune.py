@@ -68,8 +68,8 @@ def test_cli_with_two_workers(data, tmp_path):
 
 
 def test_quiet_prints_nothing_on_stderr_with_several_workers(data, tmp_path):
-    """--quiet is nothing but errors: Optuna's own INFO lines ("A new study created in RDB ...", "Using an
-    existing study ...", one a worker) were printed before its verbosity was lowered."""
+    """--quiet leaves stderr empty (no progress, no logs): Optuna's own INFO lines ("A new study created in RDB
+    ...", "Using an existing study ...", one a worker) were printed before its verbosity was lowered."""
     r = subprocess.run([sys.executable, "-m", "dsimagenet", "tune", "--data", str(data), "--out",
                         str(tmp_path / "t"), "--trials", "2", "--min-epochs", "1", "--max-epochs", "1",
                         "--workers", "2", "--depth", "6", "--batch-size", "32", "--device", "cpu", "--quiet"],
