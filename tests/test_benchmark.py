@@ -52,6 +52,21 @@ def test_a_finished_evaluation_is_reused_not_trained_again(data, tmp_path, train
     assert other["info"]["run"] != run and trainings == [1, 1]
 
 
+def test_a_finished_evaluation_is_not_reused_once_its_data_changed_in_place(tmp_path, trainings):
+    """The run's key names the data's path: data rebuilt at the same path (other images) must not be answered
+    from the old run's metrics, a number of other data; RunError naming the run and the fingerprints."""
+    import shutil
+
+    data = learnable_native(tmp_path / "data", classes=4, per_class=12, val_per_class=6)
+    config = {"lr": 0.05, **TINY}
+    r = benchmark.objective(config, {"epochs": 1}, data=str(data), out=tmp_path / "hpo", device="cpu")
+    shutil.rmtree(data)
+    learnable_native(data, classes=4, per_class=12, val_per_class=6, seed=7)
+    with pytest.raises(runs.RunError, match=r"other data .*the data changed since"):
+        benchmark.objective(config, {"epochs": 1}, data=str(data), out=tmp_path / "hpo", device="cpu")
+    assert trainings == [1] and runs.read_metrics(tmp_path / "hpo" / r["info"]["run"])[-1]["epoch"] == 1
+
+
 def test_a_lower_epoch_run_is_continued_and_equals_one_trained_from_scratch(data, tmp_path, trainings):
     config = {"lr": 0.05, "milestones": (1,), **TINY}  # the step schedule: its lr at an epoch ignores --epochs
     one = benchmark.objective(config, {"epochs": 1}, data=str(data), out=tmp_path / "hpo", device="cpu")

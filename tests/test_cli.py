@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dsimagenet.cli import main
 
@@ -316,3 +317,43 @@ def test_info_is_one_json_document_and_a_readable_table(tmp_path, capsys):
     assert "source            train: t.tar, val: v.tar" in lines
     assert lines[-3:] == ["split  images", "train       3", "val         2"]
     assert not any("{" in line for line in lines)
+
+
+def test_grid_given_twice_sweeps_both_never_only_the_last(tmp_path, capsys):
+    """`--grid "decay=all" --grid "seed=0,1"` once swept seed alone (argparse kept the last --grid), decay left
+    at its default without a word; each --grid now adds its names, and a name in two of them is an error."""
+    import csv
+    import json
+
+    from conftest import learnable_native
+
+    data = learnable_native(tmp_path / "data", classes=2, per_class=4, val_per_class=2)
+    out = tmp_path / "sw"
+    assert main(["sweep", "--grid", "decay=all", "--grid", "seed=0,1", "--out", str(out), "--data", str(data),
+                 "--depth", "6", "--width", "0.25", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["decay"], r["seed"]) for r in rows) == [("all", "0"), ("all", "1")]
+    assert {json.loads((out / r["run"] / "config.json").read_text())["config"]["decay"] for r in rows} == {"all"}
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["sweep", "--grid", "lr=0.1", "--grid", "lr=0.2", "--out", str(tmp_path / "o"),
+                                   "--data", "d"])
+    assert "--grid: lr is given twice" in err
+
+
+def test_quiet_says_what_it_prints_and_prints_only_that(tmp_path, capsys):
+    """train, sweep and tune --quiet print their outcome line(s) on stdout (what scripts read); their help
+    said "print nothing but errors". Now the help says so, and --quiet prints the one result line, nothing on
+    stderr."""
+    from conftest import learnable_native
+
+    for command in ("train", "sweep", "tune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        flat = " ".join(capsys.readouterr().out.split())
+        assert "print nothing but errors" not in flat and "only the outcome" in flat, command
+    data = learnable_native(tmp_path / "data", classes=2, per_class=4, val_per_class=2)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--depth", "6", "--width", "0.25",
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("\n") == 1 and out.startswith(f"{tmp_path / 'run'}: top-1 error ")

@@ -125,3 +125,73 @@ def test_the_command_line(run, data, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.startswith("dsimagenet evaluate: error: ") and "not a run directory" in \
         r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_checkpoint_of_another_run_of_the_same_shape_and_data_is_refused(run, data, tmp_path):
+    """Another seed: the same tensors' shapes, the same data fingerprint; scored as this run's it would be
+    written into this run's folder as its result. Refused, naming what differs; nothing written."""
+    other = tmp_path / "seed5"
+    train(TrainConfig(data=str(data), out=str(other), seed=5, **{**TINY, "epochs": 1}))
+    with pytest.raises(runs.RunError, match=r"a checkpoint of another run than .*seed is 5 there, 0 in the run"):
+        evaluate(run, data, checkpoint=other / "checkpoint.pt", name="other", quiet=True)
+    assert not (run / "eval" / "other").exists()
+    wider = tmp_path / "wider"
+    train(TrainConfig(data=str(data), out=str(wider), width=2, **{**TINY, "epochs": 1}))
+    with pytest.raises(runs.RunError, match=r"width is 2"):
+        evaluate(run, data, checkpoint=wider / "checkpoint.pt", name="wider", quiet=True)
+
+
+def test_non_finite_or_misfitting_weights_are_refused_naming_the_tensor(run, data, tmp_path):
+    """NaN weights once gave a traceback (result.json cannot hold a NaN loss) after writing per_class.csv under
+    its final name; a misfitting checkpoint named no tensor."""
+    import torch
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    first = next(iter(state["model"]))
+    state["model"][first] = state["model"][first] * float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(runs.RunError, match=f"{first} holds NaN or infinite values"):
+        evaluate(run, data, checkpoint=tmp_path / "nan.pt", name="nan", quiet=True)
+    assert not (run / "eval" / "nan").exists()
+    del state["model"][first]
+    torch.save(state, tmp_path / "short.pt")
+    with pytest.raises(runs.RunError, match=f"does not fit the run's WRN-6-1 with 4 classes: {first} is missing"):
+        evaluate(run, data, checkpoint=tmp_path / "short.pt", name="short", quiet=True)
+
+
+def test_a_run_that_diverged_before_any_checkpoint_says_so(data, tmp_path):
+    from dsimagenet.errors import Diverged
+
+    with pytest.raises(Diverged):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "div"), lr=1e6, **TINY))
+    with pytest.raises(runs.RunError, match="diverged before it saved a checkpoint"):
+        evaluate(tmp_path / "div", data, quiet=True)
+
+
+def test_another_evaluation_under_the_same_name_that_ends_meanwhile_is_not_overwritten(run, data, tmp_path,
+                                                                                        monkeypatch):
+    """Two datasets whose folders have the same name (the default --name) scored at the same time: the one that
+    ends second once overwrote the first's result.json (checked only before scoring), or paired its own
+    result.json with the other's per_class.csv. Made deterministic: the other evaluation runs to its end while
+    this one is scoring."""
+    import dsimagenet.train
+
+    w = list(IMAGENET.wnids[:4])
+    other = _subset(tmp_path / "b" / "data", data, w[:2], w[:2])
+    real = dsimagenet.train.evaluate
+    calls = []
+
+    def meanwhile(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            monkeypatch.setattr(dsimagenet.train, "evaluate", real)
+            evaluate(run, other, name="same", quiet=True)  # ends first
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dsimagenet.train, "evaluate", meanwhile)
+    with pytest.raises(ConfigError, match=r"holds the evaluation on .*b/data \(val\): choose another --name"):
+        evaluate(run, data, name="same", quiet=True)
+    kept = json.loads((run / "eval" / "same" / "result.json").read_text())
+    assert kept["data"] == str(other) and kept["images"] == 12
+    rows = per_class_rows(run / "eval" / "same" / "per_class.csv")
+    assert sum(int(r["count"]) for r in rows.values()) == 12

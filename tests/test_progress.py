@@ -79,3 +79,49 @@ def test_convert_shows_its_images_as_plain_lines(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("convert: 24/24 img (100%)")
     convert(data, tmp_path / "pickle", ["pickle"], quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def _first_line_then_close(args, cwd):
+    """Run the command line with stdout and stderr into one pipe, read its first line and close the pipe, as
+    ``| head -1`` does; its exit status once it ends."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "dsimagenet", *args], cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    first = p.stdout.readline()
+    p.stdout.close()
+    return first, p.wait(timeout=300)
+
+
+def test_a_reader_that_leaves_does_not_stop_a_run_or_a_sweep(tmp_path):
+    """`train ... | head -1` once ended the run at its next line, half done, with exit status 0 and no word
+    (and `sweep --jobs 2 | head -1` its workers' runs): now the work goes on to its end, its output dropped."""
+    import csv
+
+    from conftest import learnable_native
+
+    data = learnable_native(tmp_path / "data", classes=2, per_class=8, val_per_class=4)
+    tiny = ["--data", str(data), "--depth", "6", "--width", "0.25", "--epochs", "2", "--batch-size", "4",
+            "--device", "cpu"]
+    first, rc = _first_line_then_close(["train", *tiny, "--out", str(tmp_path / "run")], tmp_path)
+    assert first and rc == 0
+    assert (tmp_path / "run" / "result.json").exists() and len((tmp_path / "run" / "metrics.jsonl").read_text()
+                                                                .splitlines()) == 2
+    first, rc = _first_line_then_close(["sweep", *tiny, "--out", str(tmp_path / "sweep"), "--grid",
+                                        "lr=0.01,0.02", "--jobs", "2"], tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
+    assert first and rc == 0 and [r["status"] for r in rows] == ["finished", "finished"]
+
+
+def test_rates_read_as_plain_numbers_never_e_notation(monkeypatch):
+    """A rate of thousands once printed as "2.1e+03 img/s" (``:.3g``)."""
+    import dsimagenet.progress as progress
+
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    lines = Lines(10_000, "evaluate", unit="img")
+    lines.n = 4280
+    assert lines.line().startswith("evaluate: 4280/10000 img (43%), 0:02 elapsed, 2,140 img/s, ETA 0:03")
+    assert [progress._rate(r) for r in (0.5, 12.34, 99.94, 123.4, 2137.0, 1234567.0)] == \
+        ["0.5", "12.3", "99.9", "123", "2,140", "1,230,000"]

@@ -167,3 +167,16 @@ def test_a_pad_wider_than_the_image_is_one_line_and_creates_nothing(learnable, t
     err = capsys.readouterr().err.strip()
     assert err == "dsimagenet train: error: pad (--pad) must be an integer in 0..8 (the image size), not 9"
     assert not out.exists()
+
+
+def test_a_switch_the_recipe_sets_shows_its_default_as_on_or_off():
+    """--nesterov's help once read "(paper False, nasbench201 True)": Python's words, where every other switch
+    shows on/off."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dsimagenet", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    flat = " ".join(out.split())
+    assert "--no-nesterov Nesterov momentum; default: the --recipe's (paper off, nasbench201 on)" in flat, flat[-300:]
+    assert "True" not in out and "False" not in out

@@ -205,3 +205,25 @@ def test_counts_agree_with_their_nouns():
         ("1 epoch", "2 epochs", "0 runs", "1,000 classes")
     assert summary({"a": "ran"}) == "1 run: 1 finished (here or before)"
     assert summary({"a": "ran", "b": "failed: x"}) == "2 runs: 1 finished (here or before), 1 failed"
+
+
+def test_runs_table_gives_a_run_made_before_a_field_the_value_it_ran_with(tmp_path):
+    """A config.json from before --recipe, --pad, --decay, --val-split... existed: those columns were None, so
+    its row did not equal a new paper run's on the settings it shares (a grouping by pad or recipe split them),
+    while its train_config says what it ran with. Both now agree: the paper recipe's values."""
+    from dsimagenet import runs_table
+
+    new = make_run(tmp_path / "new")
+    old = make_run(tmp_path / "old")
+    record = json.loads((old / "config.json").read_text())
+    for name in ("recipe", "pad", "pad_fill", "decay", "augment", "normalize", "nesterov", "val_split",
+                 "val_fraction", "cuda_graph"):
+        del record["config"][name]
+    (old / "config.json").write_text(json.dumps(record))
+    a, b = load_runs([new, old], finished_only=False)
+    rows = runs_table([a, b])
+    columns = ("recipe", "pad", "pad_fill", "decay", "augment", "normalize", "nesterov", "val_split")
+    assert [rows[1][k] for k in columns] == ["paper", 4, "mean", "paper", "paper", "mean", False, "val"]
+    assert [rows[1][k] for k in columns] == [rows[0][k] for k in columns]
+    assert [rows[1][k] for k in columns] == [getattr(b.train_config, k) for k in columns]
+    assert rows[1]["val_fraction"] is None and rows[1]["cuda_graph"] is False

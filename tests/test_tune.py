@@ -67,6 +67,16 @@ def test_cli_with_two_workers(data, tmp_path):
     assert best["trials"] >= 4 and best["best"]["params"]["lr"] > 0
 
 
+def test_quiet_prints_nothing_on_stderr_with_several_workers(data, tmp_path):
+    """--quiet leaves stderr empty (no progress, no logs): Optuna's own INFO lines ("A new study created in RDB
+    ...", "Using an existing study ...", one a worker) were printed before its verbosity was lowered."""
+    r = subprocess.run([sys.executable, "-m", "dsimagenet", "tune", "--data", str(data), "--out",
+                        str(tmp_path / "t"), "--trials", "2", "--min-epochs", "1", "--max-epochs", "1",
+                        "--workers", "2", "--depth", "6", "--batch-size", "32", "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+
+
 def test_every_setting_is_checked_before_anything_is_made(tmp_path):
     out = tmp_path / "t"
     ok = dict(out=str(out), data="d")

@@ -207,6 +207,20 @@ def _held(run: Path):
         os.close(fd)
 
 
+def _check_same_data(before, data: str) -> None:
+    """RunError unless the run was trained on the data at ``data`` as it is now. The run's key names the data's
+    path, not its content: data rebuilt in place (another method, another seed) would otherwise be answered from
+    the old run's metrics, a number of other data. Training checks this on resume; reuse must too."""
+    from dsimagenet import runs
+    from dsimagenet.dataset import fingerprint
+
+    was, now = before.config.get("dataset_fingerprint"), fingerprint(data)
+    if was != now:
+        raise runs.RunError(f"{before.path}: trained on other data than {data} holds now (fingerprint "
+                            f"{str(was)[:12]}, now {now[:12]}): the data changed since; remove the run to "
+                            "evaluate it again, or give another out")
+
+
 def _evaluate(tc, fid: dict, on_epoch, start: float) -> dict:
     from dsimagenet import runs
     from dsimagenet.errors import Diverged
@@ -214,6 +228,8 @@ def _evaluate(tc, fid: dict, on_epoch, start: float) -> dict:
 
     run, epochs = Path(tc.out), tc.epochs
     before = runs.load_run(run) if runs.exists(run) else None
+    if before is not None:
+        _check_same_data(before, tc.data)
     had = before.train_config.epochs if before is not None else None  # the run's length so far
     told: set[int] = set()
 

@@ -235,7 +235,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     grid, base = load_spec(args.spec) if args.spec else ({}, {})
     if args.grid:
-        grid = merge_grids(grid, parse_grid(args.grid), args.spec)
+        grid = merge_grids(grid, parse_grid(" ".join(args.grid)), args.spec)
     base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "out" and hasattr(args, f.name)})  # flags override the spec's base; --out is the sweep's
     outcome = sweep(SweepConfig(out=args.out, grid=grid, base=base, jobs=args.jobs, index=args.index, of=args.of,
@@ -420,8 +420,9 @@ def _add_experiment_commands(sub) -> None:
                                        '--epochs 10 --out sweeps/lr',
                                        "dsimagenet sweep spec.yaml --out sweeps/paper --jobs 2"))
     p.add_argument("spec", nargs="?", help="YAML file: grid: {name: [values]}, base: {train flags}")
-    p.add_argument("--grid", help='the grid, space-separated NAME=VALUE,VALUE,...: e.g. "method=box,nearest '
-                                  'lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"')
+    p.add_argument("--grid", action="append",  # given twice, the last once won silently: each adds its names
+                   help='the grid, space-separated NAME=VALUE,VALUE,...: e.g. "method=box,nearest '
+                        'lr=0.001,0.01 width=1,2 size=16,32 seed=0,1"; given several times, their names together')
     p.add_argument("--out", required=True, help="the sweep directory")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time on this machine (default: one a GPU slot, see --runs-per-gpu; 1 on the CPU)")
@@ -472,10 +473,12 @@ def _add_experiment_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from dsimagenet.errors import DSImageNetError, describe_os_error
+    from dsimagenet.progress import closed_pipes_dropped
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with closed_pipes_dropped():  # `train ... | head -1`: the run goes on, its lines go nowhere
+            return args.func(args)
     except BrokenPipeError:  # `dsimagenet classes | head` closes the pipe early; that is not an error
         sys.stderr.close()
         return 0

@@ -20,7 +20,9 @@ the run's classes (an image of class A predicted as a class missing from the dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import time
@@ -100,7 +102,9 @@ def run_classes(run: runs.Run) -> tuple[list[str], list[str]]:
 
 
 def _checkpoint(run: runs.Run, path: Path) -> dict:
-    """The checkpoint's state, checked to be of this run's data."""
+    """The checkpoint's state, checked to be of this run (its data and configuration) and finite."""
+    from dsimagenet.checkpoint import non_finite
+
     state = runs.load_checkpoint(path)
     if not isinstance(state.get("model"), dict):
         raise runs.RunError(f"{path}: holds no model weights")
@@ -108,7 +112,39 @@ def _checkpoint(run: runs.Run, path: Path) -> dict:
     if mine and theirs and mine != theirs:
         raise runs.RunError(f"{path}: a checkpoint of a run on other data (fingerprint {str(theirs)[:12]}, the run "
                             f"{run.path} is {str(mine)[:12]})")
+    _check_same_run(run, state, path)
+    bad = non_finite(state["model"])
+    if bad:  # NaN weights score a NaN loss: result.json cannot hold it, and no number of them means anything
+        raise runs.RunError(f"{path}: {bad} holds NaN or infinite values: the run that saved it had diverged")
     return state
+
+
+def _check_same_run(run: runs.Run, state: dict, path: Path) -> None:
+    """RunError unless the checkpoint was saved by a run of this run's configuration (up to what does not change
+    its weights so far, as on resume): a --checkpoint of another run of the same shape and data (another seed,
+    lr, recipe) would load and be scored silently, its numbers written as this run's."""
+    import json
+
+    from dsimagenet.checkpoint import _differences, _weights_depend_on
+    from dsimagenet.recipe import OPERATIONAL, stored_defaults
+
+    was, stored = state.get("config"), run.config.get("config")
+    if not (isinstance(was, str) and isinstance(stored, dict)):  # checkpoints before it was stored: by tensors
+        return
+    try:
+        theirs = json.loads(was)
+    except ValueError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise runs.RunError(f"{path}: its stored configuration is not a JSON object")
+    # a run made before a field existed ran as its old default, in config.json as in its checkpoints
+    ours = {**{k: v for k, v in stored_defaults().items() if k in theirs}, **stored}
+    ours, theirs = _weights_depend_on(ours), _weights_depend_on(theirs)
+    diff = _differences(theirs, ours, OPERATIONAL)
+    if diff:
+        raise runs.RunError(f"{path}: a checkpoint of another run than {run.path}: " + ", ".join(
+            f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} in the run" for k in diff[:4])
+            + (" ..." if len(diff) > 4 else ""))
 
 
 def _model(run: runs.Run, state: dict, path: Path):
@@ -116,11 +152,20 @@ def _model(run: runs.Run, state: dict, path: Path):
 
     c = run.train_config
     net = WideResNet(run.depth, c.width, run.num_classes, run.image_size, dropout=c.dropout)
+    ours, theirs = net.state_dict(), state["model"]
+    # named one by one: torch's own message starts with a line that names none of them
+    problems = ([f"{k} is missing" for k in ours if k not in theirs]
+                + [f"{k} is not in this model" for k in theirs if k not in ours]
+                + [f"{k} is {tuple(getattr(theirs[k], 'shape', ()))} there, {tuple(ours[k].shape)} here"
+                   for k in ours if k in theirs and getattr(theirs[k], "shape", None) != ours[k].shape])
     try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as e:  # torch's error for missing, unexpected or misshapen tensors
+        if not problems:
+            net.load_state_dict(theirs)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:  # torch's error for tensors it cannot take
+        problems = [(str(e).splitlines() or [repr(e)])[-1].strip()]
+    if problems:
         raise runs.RunError(f"{path}: does not fit the run's WRN-{run.depth}-{c.width:g} with {run.num_classes} "
-                            f"classes ({str(e).splitlines()[0]})") from None
+                            f"classes: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}")
     return net
 
 
@@ -160,6 +205,32 @@ def _map_classes(ds, wnids: list[str], c: EvalConfig) -> dict:
             "classes": int(len(present) - len(unknown))}
 
 
+def _check_free(dest: Path, data_path: str, split: str) -> None:
+    """ConfigError if ``dest`` holds the evaluation of other data or another split (one of the same is redone)."""
+    if (dest / runs.RESULT).exists():
+        before = runs.read_json(dest / runs.RESULT)
+        if (before.get("data_resolved"), before.get("split")) != (data_path, split):
+            raise ConfigError(f"{dest}: holds the evaluation on {before.get('data')} ({before.get('split')}): "
+                              "choose another --name")
+
+
+@contextlib.contextmanager
+def _writing(dest: Path, data_path: str, split: str):
+    """``dest`` made and held (an flock on RUN/eval/.lock) while its two files are written, and checked again
+    under it: another evaluation under the same name (other data whose folder has the same name, scored at the
+    same time) may have ended since the first check, and would be overwritten, or its per_class.csv paired with
+    this result.json."""
+    with runs.naming(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.parent / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for two small writes: wait for the other one
+        _check_free(dest, data_path, split)
+        yield
+    finally:
+        os.close(fd)
+
+
 class _Counted:
     """The Loader as ``train.evaluate`` reads it (``device``, ``epoch``), counting images into a progress bar."""
 
@@ -192,17 +263,16 @@ def evaluate_run(c: EvalConfig) -> dict:
     tc = run.train_config
     wnids, names = run_classes(run)
     ckpt = Path(c.checkpoint) if c.checkpoint else run_path / runs.CHECKPOINT
+    if run.diverged and not ckpt.exists():  # "has not saved one" would send the user waiting for it
+        raise runs.RunError(f"{run_path}: diverged before it saved a checkpoint: there are no weights to score "
+                            f"({(run.result or {}).get('message') or 'see its result.json'})")
     state = _checkpoint(run, ckpt)
     name = c.name or _default_name(c.data, c.split)
     if "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"--name {name!r}: a folder name under {run_path / EVAL}, without '/'")
     dest = run_path / EVAL / name
     data_path = str(Path(c.data).resolve())
-    if (dest / runs.RESULT).exists():
-        before = runs.read_json(dest / runs.RESULT)
-        if (before.get("data_resolved"), before.get("split")) != (data_path, c.split):
-            raise ConfigError(f"{dest}: holds the evaluation on {before.get('data')} ({before.get('split')}): "
-                              "choose another --name")
+    _check_free(dest, data_path, c.split)  # early, before any work; again when writing (_writing)
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available to torch: use --device cpu or auto")
@@ -235,9 +305,9 @@ def evaluate_run(c: EvalConfig) -> dict:
               "data": c.data, "data_resolved": data_path, "split": c.split, "name": name, "images": len(ds),
               **mapping, "top1_error": ev["top1_error"], "top5_error": ev["top5_error"], "loss": ev["val_loss"],
               "device": str(dev), "seconds": round(time.perf_counter() - start, 3)}
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_per_class(dest / runs.PER_CLASS, ev["per_class"], ds)
-    runs.write_json(dest / runs.RESULT, result)
+    with _writing(dest, data_path, c.split):
+        _write_per_class(dest / runs.PER_CLASS, ev["per_class"], ds)
+        runs.write_json(dest / runs.RESULT, result)
     if not c.quiet:
         print(f"{run_path} on {c.data} ({c.split}, {len(ds):,} images): top-1 error {ev['top1_error']:.2f}%, "
               f"top-5 error {ev['top5_error']:.2f}%, loss {ev['val_loss']:.4f}; written to {dest}", flush=True)

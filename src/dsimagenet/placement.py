@@ -162,6 +162,9 @@ def resolve(gpus, runs_per_gpu: int | None, jobs: int | None, device: str | set[
 
 def _pin(slots) -> None:
     """A worker's initializer: take one slot (its CUDA_VISIBLE_DEVICES) before anything initialises CUDA."""
+    from dsimagenet.progress import drop_closed_pipes
+
+    drop_closed_pipes()  # its parent's reader may leave (`sweep ... | head`): its run goes on regardless
     visible = slots.get()
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible

@@ -5,19 +5,29 @@ Every command that runs longer than a few seconds (build, train, sweep, tune, de
 On a terminal (stderr is a tty) that is tqdm's bar (done of total, rate, ETA). Where stderr is a file or a pipe
 (a job log, CI), tqdm's carriage returns would pile into one unreadable line, so it prints one plain line
 ``desc: done/total unit (pct%), rate, ETA, postfix`` every ``every`` seconds, at each 10% step and at the end.
+
+A reader that leaves (``dsimagenet train ... | head -1``) does not stop the work: ``closed_pipes_dropped``
+(the command line's, and each worker process's) sends what is written after it left to /dev/null.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
-__all__ = ["Lines", "bar"]
+__all__ = ["Lines", "bar", "closed_pipes_dropped", "drop_closed_pipes"]
 
 
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _rate(rate: float) -> str:
+    """Three significant digits, never in e-notation: 2,140 img/s, not ``2.14e+03``."""
+    return f"{float(f'{rate:.3g}'):,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 class Lines:
@@ -62,7 +72,7 @@ class Lines:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
         parts.append(f"{_duration(elapsed)} elapsed")
         if rate > 0:
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            parts.append(f"{_rate(rate)} {self.unit}/s")
             if self.total and self.n < self.total:
                 parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
         if self.postfix:
@@ -93,3 +103,61 @@ def bar(total: int | None, desc: str, unit: str = "it", quiet: bool = False, ini
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=file, smoothing=0.05,
                     dynamic_ncols=True)
     return Lines(total, desc, unit, initial, every, file, disable=quiet)
+
+
+class _Dropping:
+    """A text stream whose reader may leave: at the first BrokenPipeError its file descriptor is pointed at
+    /dev/null (so that child processes started later, and Python's own flush at exit, write there too) and the
+    write is done again there. Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _dropped(self, again, *args):
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # a stream of no file (a test's capture): nothing to point
+            return None
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+        return again(*args)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            return self._dropped(self._stream.write, text)
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except BrokenPipeError:
+            return self._dropped(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def drop_closed_pipes() -> None:
+    """From now on, stdout and stderr of this process drop what is written after their reader left, instead of
+    raising BrokenPipeError out of whatever printed: a training run, a sweep or a build stopped by ``| head``
+    would otherwise end half done (the command line once exited 0 then, saying nothing). A worker process's
+    initializer calls it; the command line uses ``closed_pipes_dropped``."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _Dropping):
+            setattr(sys, name, _Dropping(stream))
+
+
+@contextlib.contextmanager
+def closed_pipes_dropped():
+    """``drop_closed_pipes`` for the duration of a command; stdout and stderr are given back after it."""
+    before = sys.stdout, sys.stderr
+    drop_closed_pipes()
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = before

@@ -73,7 +73,10 @@ RECIPES: dict[str, dict] = {
 
 def _by_recipe(name: str) -> str:
     """The help's default of a field that a recipe sets: ``default: the --recipe's (paper 40, nasbench201 200)``."""
-    return "default: the --recipe's (" + ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items()) + ")"
+    def typed(value):  # a switch as its other defaults show it (cli.shown), not Python's True/False
+        return ("on" if value else "off") if isinstance(value, bool) else value
+
+    return "default: the --recipe's (" + ", ".join(f"{r} {typed(v[name])}" for r, v in RECIPES.items()) + ")"
 
 
 def _epochs_list():
@@ -179,7 +182,8 @@ class TrainConfig(_Named):
     eval_batch_size: int = option(1000, check=integer(1), help="images per evaluation batch")
     report_epoch: int = recipe(31, check=integer(1),  # a later one than --epochs is left out
                                help="the epoch whose errors result.json also reports (the paper's 31)")
-    quiet: bool = option(False, help="print nothing but errors")
+    quiet: bool = option(False, help="no progress or epoch lines: only the outcome (a run's result, a sweep's "
+                                      "runs) and errors")
 
     def __post_init__(self):
         resolve(self)

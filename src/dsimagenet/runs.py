@@ -454,6 +454,9 @@ def runs_table(runs: list[Run]) -> list[dict]:
             return " ".join(str(x) for x in v)
         return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
 
+    from dsimagenet.recipe import stored_defaults
+
+    defaults = stored_defaults()
     rows = []
     for r in runs:
         try:
@@ -462,6 +465,8 @@ def runs_table(runs: list[Run]) -> list[dict]:
             status = "damaged"
         row = {"run": str(r.path), "status": status}
         stored = r.config.get("config")
+        if isinstance(stored, dict):  # a run made before a field existed ran as its old default (not None)
+            stored = {**{k: v for k, v in defaults.items() if k not in ("data", "out")}, **stored}
         row.update({k: flat(v) for k, v in (stored if isinstance(stored, dict) else {}).items()})
         row.update({k: flat(r.config.get(k)) for k in ("image_size", "depth", "num_classes", "method", "params",
                                                         "device", "world_size") if k in r.config})

@@ -73,7 +73,7 @@ class TuneConfig:
                                    "visible one)")
     runs_per_gpu: int | None = option(None, check=whole(1, optional=True),
                                       help="trials sharing one GPU (default: one, or --workers spread over the GPUs)")
-    quiet: bool = option(False, help="print nothing but errors (no progress line)")
+    quiet: bool = option(False, help="no progress line: only the outcome (the best trial) and errors")
     seed: int = recipe(0, check=whole(0), help="seed of the sampler")
     base: dict = recipe(default_factory=dict, check=(lambda v: isinstance(v, dict), "a mapping of train settings"),
                         help="other TrainConfig fields of every trial (depth, device, batch_size, ...)")
@@ -153,6 +153,9 @@ def _storage(c: TuneConfig):
 def _study(c: TuneConfig):
     import optuna
 
+    # before the study is made or loaded: Optuna logs both at INFO to stderr ("A new study created ..."), in the
+    # main process and in each worker, which --quiet must silence and our progress bar replaces
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(c) if c.storage else None  # one that cannot be opened fails before --out is made
     Path(c.out).mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
