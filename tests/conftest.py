@@ -63,6 +63,28 @@ def mutate(data: bytes, rng) -> bytes:
     return bytes(m)
 
 
+def read_mutated(tmp_path, name, data, images, labels, tries, rng, **open_kw) -> dict:
+    """Open ``tries`` damaged copies of the file ``name`` (``data``), each alone in a folder: each must read as
+    ``images`` and ``labels`` exactly or be one of our errors; returns how many of each."""
+    from dsimagenet import open_dataset
+    from dsimagenet.errors import DSImageNetError
+
+    outcomes = {"same": 0, "clear": 0}
+    for i in range(tries):
+        root = tmp_path / f"m{i}"
+        root.mkdir()
+        (root / name).write_bytes(mutate(data, rng))
+        try:
+            ds = open_dataset(root, **open_kw)
+        except DSImageNetError:
+            outcomes["clear"] += 1
+            continue
+        np.testing.assert_array_equal(ds.data, images, err_msg=f"try {i}: other data read without an error")
+        np.testing.assert_array_equal(ds.targets, labels, err_msg=f"try {i}")
+        outcomes["same"] += 1
+    return outcomes
+
+
 def zip_folder(folder, zip_path, top, names=None):
     with zipfile.ZipFile(zip_path, "w") as z:
         for f in sorted(Path(folder).iterdir()):
