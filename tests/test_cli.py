@@ -357,3 +357,15 @@ def test_quiet_says_what_it_prints_and_prints_only_that(tmp_path, capsys):
                  "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.count("\n") == 1 and out.startswith(f"{tmp_path / 'run'}: top-1 error ")
+
+
+def test_the_lazy_public_names_are_what_they_name():
+    """``from dsimagenet import TrainConfig, train``: loading dsimagenet.train for TrainConfig set the package's
+    attribute "train" to the module, so ``train`` was the module, not the function (in a fresh interpreter)."""
+    code = ("from dsimagenet import TrainConfig, train, evaluate, load_runs, runs_table\n"
+            "import dsimagenet, types\n"
+            "assert callable(train) and not isinstance(train, types.ModuleType), train\n"
+            "assert dsimagenet.train is train and dsimagenet.train is dsimagenet.train\n"
+            "assert not isinstance(evaluate, types.ModuleType)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

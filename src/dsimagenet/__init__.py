@@ -20,7 +20,12 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        # importing dsimagenet.train sets this package's attribute "train" to that module, which would hide the
+        # function of that name (``from dsimagenet import TrainConfig, train`` gave the module): bind every name
+        # the module provides here, after the import
+        globals().update({n: getattr(module, n) for n, m in _LAZY.items() if m == _LAZY[name]})
+        return globals()[name]
     raise AttributeError(f"module 'dsimagenet' has no attribute {name!r}")
 
 

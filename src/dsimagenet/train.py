@@ -65,6 +65,7 @@ from dsimagenet.runs import RunError
 __all__ = ["TrainConfig", "learning_rate", "train", "evaluate", "make_optimizer", "topk_correct", "check_environment",
            "check_resume", "extend_run", "LENGTH_FREE_SCHEDULES", "dataset_fingerprint"]
 
+
 def train(config: TrainConfig, resume: bool = False, on_epoch=None) -> dict:
     """Run the recipe; returns the result dict (also written to ``config.out``/result.json).
 
