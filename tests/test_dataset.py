@@ -1,5 +1,6 @@
 """open_dataset / ImageNetDS on every supported layout, both label orders, subsets and caps."""
 
+import os
 import time
 
 import numpy as np
@@ -333,3 +334,30 @@ def test_a_raw_release_is_named_and_pointed_to_build(tmp_path):
             open_dataset(path)
     r = subprocess.run([sys.executable, "-m", "dsimagenet", "info", str(rel.root)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "raw ILSVRC-2012 release" in r.stderr, r.stderr
+
+
+def test_fingerprint_hashes_a_dataset_once_a_process_until_a_file_changes(tiny, monkeypatch):
+    """A sweep decides, tune's trials and the objective check the data's fingerprint again and again: the arrays
+    are re-hashed only when a file of the dataset changed since (an image rewritten in place is still caught)."""
+    from dsimagenet import dataset
+    from dsimagenet.formats import native
+
+    root = tiny.root / "native"
+    convert(tiny.official(), root, ["native"])
+    calls = []
+    verify = native.verify
+    monkeypatch.setattr(native, "verify", lambda p: calls.append(p) or verify(p))
+    first = dataset.fingerprint(root)
+    assert dataset.fingerprint(root) == first and len(calls) == 2  # written just now: not remembered yet
+    monkeypatch.setattr(dataset, "_SETTLED_NS", -10**18)  # as if written long ago
+    assert dataset.fingerprint(root) == first and len(calls) == 3
+    assert dataset.fingerprint(root) == first and len(calls) == 3  # from memory
+    images = root / "train" / "images.npy"
+    st = images.stat()
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF  # one pixel changed in place, size kept
+    images.write_bytes(bytes(data))
+    os.utime(images, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later file time, whatever its resolution
+    with pytest.raises(FormatError, match="differs from its meta.json"):
+        dataset.fingerprint(root)
+    assert len(calls) == 4

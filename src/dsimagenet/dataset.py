@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,23 +473,53 @@ def with_classes(ds: ImageNetDS, wnids: Sequence[str]) -> ImageNetDS:
     return out
 
 
+_VERIFIED: dict[str, tuple] = {}  # folder -> the states of its files when its digest was verified
+_VERIFIED_DIGEST: dict[str, str] = {}
+_SETTLED_NS = 2 * 10**9  # a folder written to in the last 2 s is hashed again at each call
+
+
+def _file_states(path: Path) -> tuple:
+    """(the folder, then (path, size, inode, mtime, ctime) of each file in it and in its split folders, by
+    path): what a change to any of them changes (ctime moves with every write, and no tool sets it back)."""
+    root = str(path.resolve())
+    states = []
+    for folder, dirs, files in os.walk(root):
+        if folder != root:
+            dirs.clear()  # meta.json and mean.npy at the top, each split's arrays one folder down
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            states.append((os.path.join(folder, name), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return (root, *sorted(states))
+
+
 def fingerprint(path: str | Path) -> str:
     """A sha256 hex digest that identifies the data at ``path`` (what a run records and a resume compares).
 
     Native data: its meta.json (splits, checksums, mean), after ``native.verify`` has re-hashed every array
-    against it, a full read of the data at every call (training start, resume, each sweep decision): an image
-    changed in place after the build would otherwise train, and resume, unnoticed; training reads all of the
-    data anyway. Raises FormatError when an array differs from its meta.json. Official files: each file's
-    name, size, first and last MiB (not a full hash)."""
+    against it, a full read of the data (training start, resume): an image changed in place after the build
+    would otherwise train, and resume, unnoticed; training reads all of the data anyway. Raises FormatError when
+    an array differs from its meta.json. A process hashes a dataset once: later calls (a sweep's decisions,
+    tune's trials, the objective's reuse checks) get the digest it verified while no file of the folder has
+    changed since (``_file_states``: size, inode, mtime and ctime, which every write moves; a folder written in
+    the last 2 s is hashed again). Official files: each file's name, size, first and last MiB (not a full
+    hash)."""
     path = Path(path)
     h = hashlib.sha256()
     if native.is_native(path):
+        states = _file_states(path)
+        if _VERIFIED.get(states[0]) == states:
+            return _VERIFIED_DIGEST[states[0]]
         meta = native.read_meta(path)
         problems = native.verify(path)
         if problems:
             raise FormatError(f"{path}: the data differs from its meta.json ({'; '.join(problems[:3])}"
                               f"{'; ...' if len(problems) > 3 else ''}): rebuild it")
         h.update(json.dumps([meta["splits"], meta.get("mean")], sort_keys=True).encode())
+        newest = max((s[4] for s in states[1:]), default=0)
+        # remembered if nothing changed while it was read, and its last write is older than a file time's
+        # resolution can hide (a write in the same tick as the one before it could leave every state as it was)
+        if _file_states(path) == states and time.time_ns() - newest > _SETTLED_NS:
+            _VERIFIED[states[0]], _VERIFIED_DIGEST[states[0]] = states, h.hexdigest()
         return h.hexdigest()
     hub_format = hub.detect(path) if not (path.is_dir() and any(official.find_members(path))) else None
     if hub_format is not None:  # every shard, in name order (parquet.find_shards / webdataset.find_shards)
