@@ -328,7 +328,8 @@ def _read_everything(root, dst):
         assert len(ds.targets) == 0 or 0 <= ds.targets.min() <= ds.targets.max() < len(ds.wnids)
         out[split] = (np.array(ds.data), ds.targets.copy(), None if ds.mean is None else ds.mean.copy())
     info = describe(root, check=True)
-    convert(root, dst, ["pickle"])
+    # quiet: its progress lines, captured by pytest over 1000 iterations, would count in the memory measured
+    convert(root, dst, ["pickle"], quiet=True)
     return out, info
 
 
