@@ -30,6 +30,7 @@ from dsimagenet import splits as splits_mod
 from dsimagenet.errors import ConfigError, FormatError
 from dsimagenet.formats import hub, native, official, provenance
 from dsimagenet.labels import IMAGENET, ClassTable
+from dsimagenet.sources.imagenet import release_kind
 
 FORMATS = ("native", "pickle", "npz", *hub.FORMATS)
 PRESENT = "present"  # classes="present": the classes that occur in train
@@ -104,7 +105,7 @@ def detect_format(path: str | Path) -> str:
                                 f"{path.name} puts it in place")
     if path.is_dir() and native.is_native(path):
         return "native"
-    if (raw := _raw_release(path)) is not None:
+    if (raw := release_kind(path)) is not None:
         raise FormatError(f"{path}: {raw}, not a downsampled dataset: `dsimagenet build --train ... --val ... "
                           "--out OUT` makes one from it")
     if path.is_file() and path.suffix == ".parquet":
@@ -123,23 +124,6 @@ def detect_format(path: str | Path) -> str:
         raise FileNotFoundError(f"{path}: no dataset here: expected meta.json (native format), or official "
                                 "batch files train_data_batch_1..10 / val_data (pickle or .npz), or their zips")
     return "npz" if "npz" in kinds else "pickle"
-
-
-_RAW_NAMES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_img_train_t3.tar",
-              "ILSVRC2012_devkit_t12.tar.gz", "LOC_synset_mapping.txt", "LOC_val_solution.csv")
-
-
-def _raw_release(path: Path) -> str | None:
-    """What raw ImageNet ``path`` is, when it is one (the release's tars, or the Kaggle layout), else None: its
-    tars would otherwise look like WebDataset shards and its images like a class-folder tree."""
-    if path.name in _RAW_NAMES:
-        return "a file of the raw ILSVRC-2012 release"
-    if path.is_dir():
-        if any((path / n).is_file() for n in _RAW_NAMES):
-            return "the raw ILSVRC-2012 release (its original tars or the Kaggle layout)"
-        if (path / "ILSVRC" / "Data" / "CLS-LOC").is_dir():
-            return "the raw ILSVRC-2012 release in the Kaggle layout"
-    return None
 
 
 def check_format(format: str | None) -> None:

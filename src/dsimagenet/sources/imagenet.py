@@ -42,6 +42,21 @@ MD5 = {"ILSVRC2012_img_train.tar": "1d675b47d978889d74fa0da5fadfb00e",
        "ILSVRC2012_img_val.tar": "29b22e2961454d5413ddabcf34fc5622",
        "ILSVRC2012_devkit_t12.tar.gz": "fa75699e90414af021442c21a62c3abf"}
 _VAL_RE = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$")
+# files of the release as downloaded (MD5's) and of Kaggle's copy, by which a raw release is recognised
+RELEASE_FILES = (*MD5, "ILSVRC2012_img_train_t3.tar", "LOC_synset_mapping.txt", "LOC_val_solution.csv")
+
+
+def release_kind(path: Path) -> str | None:
+    """What raw ImageNet ``path`` is, when it is one (the release's tars, or the Kaggle layout), else None: a
+    reader of downsampled data names it instead of taking its tars for WebDataset shards."""
+    if path.name in RELEASE_FILES:
+        return "a file of the raw ILSVRC-2012 release"
+    if path.is_dir():
+        if any((path / n).is_file() for n in RELEASE_FILES):
+            return "the raw ILSVRC-2012 release (its original tars or the Kaggle layout)"
+        if (path / KAGGLE_TRAIN.parent).is_dir():
+            return "the raw ILSVRC-2012 release in the Kaggle layout"
+    return None
 
 
 def _class_tar(listing: Listing, f, where: str, wnid: str, base: int, limit: int) -> None:
