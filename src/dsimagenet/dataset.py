@@ -457,8 +457,7 @@ def with_classes(ds: ImageNetDS, wnids: Sequence[str]) -> ImageNetDS:
     return out
 
 
-_VERIFIED: dict[str, tuple] = {}  # folder -> the states of its files when its digest was verified
-_VERIFIED_DIGEST: dict[str, str] = {}
+_VERIFIED: dict[str, tuple[tuple, str]] = {}  # folder -> (the states of its files, the digest verified then)
 _SETTLED_NS = 2 * 10**9  # a folder written to in the last 2 s is hashed again at each call
 
 
@@ -491,8 +490,9 @@ def fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     if native.is_native(path):
         states = _file_states(path)
-        if _VERIFIED.get(states[0]) == states:
-            return _VERIFIED_DIGEST[states[0]]
+        known, digest = _VERIFIED.get(states[0], (None, None))
+        if known == states:
+            return digest
         meta = native.read_meta(path)
         problems = native.verify(path)
         if problems:
@@ -503,7 +503,7 @@ def fingerprint(path: str | Path) -> str:
         # remembered if nothing changed while it was read, and its last write is older than a file time's
         # resolution can hide (a write in the same tick as the one before it could leave every state as it was)
         if _file_states(path) == states and time.time_ns() - newest > _SETTLED_NS:
-            _VERIFIED[states[0]], _VERIFIED_DIGEST[states[0]] = states, h.hexdigest()
+            _VERIFIED[states[0]] = states, h.hexdigest()
         return h.hexdigest()
     hub_format = hub.detect(path) if not (path.is_dir() and any(official.find_members(path))) else None
     if hub_format is not None:  # every shard, in name order (parquet.find_shards / webdataset.find_shards)
