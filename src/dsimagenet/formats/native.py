@@ -28,6 +28,7 @@ import numpy as np
 
 from dsimagenet.checksum import digest, read_chunks
 from dsimagenet.errors import DSImageNetError
+from dsimagenet.fields import is_int
 from dsimagenet.formats.atomic import atomic_write, commit, fsync_dir, temp_path
 
 FORMAT_NAME = "dsimagenet-native"
@@ -380,16 +381,12 @@ def _bad(path: Path, msg: str) -> NativeFormatError:
     return NativeFormatError(f"{path}: {msg}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_hex64(v) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
 def _check_int(path: Path, key: str, v, lo: int, hi: int) -> int:
-    if not _is_int(v) or not lo <= v <= hi:
+    if not is_int(v) or not lo <= v <= hi:
         raise _bad(path, f"{key} must be an integer in {lo}..{hi}, found {v!r:.60}")
     return v
 
@@ -411,7 +408,7 @@ def check_meta(meta, path: str | Path) -> dict:
     if meta.get("format") != FORMAT_NAME:
         raise _bad(path, f"not a {FORMAT_NAME} meta.json (its 'format' is {meta.get('format')!r:.60})")
     version = meta.get("version")
-    if not _is_int(version):
+    if not is_int(version):
         raise _bad(path, f"'version' must be an integer, found {version!r:.60}")
     if version != FORMAT_VERSION:
         raise _bad(path, f"format version {version}; this dsimagenet reads version {FORMAT_VERSION} (upgrade "
@@ -520,7 +517,7 @@ def read_npy_header(path: str | Path) -> NpyHeader:
     descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
     if fortran is not False:  # Fortran-ordered rows would be read scrambled
         raise _bad(path, f"fortran_order {fortran!r}: only C (row-major) order, as dsimagenet writes, is read")
-    if not isinstance(shape, tuple) or not all(_is_int(v) and 0 <= v <= MAX_COUNT * MAX_IMAGE_SIZE for v in shape):
+    if not isinstance(shape, tuple) or not all(is_int(v) and 0 <= v <= MAX_COUNT * MAX_IMAGE_SIZE for v in shape):
         raise _bad(path, f"an .npy shape that is not a tuple of non-negative integers: {shape!r:.60}")
     try:
         dtype = np.dtype(descr) if isinstance(descr, str) else None
